@@ -1,0 +1,26 @@
+# One-command set-up: every target creates the virtualenv and installs the pinned requirements first.
+VENV := .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/digits
+
+.PHONY: install run test benchmark clean
+
+$(VENV)/.installed: requirements.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(PY) -m fractal_jax.main --config experiments/configs/digits.py --workdir $(WORKDIR)
+
+test: install
+	$(PY) -m pytest
+
+benchmark: install
+	$(PY) experiments/benchmark.py --quick
+
+clean:
+	rm -rf $(VENV) runs .jax_cache .pytest_cache

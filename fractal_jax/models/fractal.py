@@ -1,0 +1,271 @@
+"""FractalNet (Larsson, Maire, Shakhnarovich, ICLR 2017) as pure Flax linen modules.
+
+`FractalBlock` walks a static `BlockSchedule`; every join is the mean of its surviving inputs, as
+given by a drop-path plan that is drawn outside the model (`drop_path.sample`) and passed in.
+`column=c` runs network column c alone as a plain chain: only that column's units are computed.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fractal_jax.models.schedule import BlockSchedule, NetworkSchedule
+
+# Caffe's "Xavier" filler is uniform with fan-in scaling (spec §1).
+default_kernel_init = nn.initializers.lecun_uniform()
+
+DROPOUT_POSITIONS = ("before_bn", "after_relu")
+DROPOUT_TYPES = ("element", "channel")
+JOIN_ORDERS = ("pool_then_join", "join_then_pool")
+HEADS = ("dense", "gap")
+STEMS = ("none", "imagenet")
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}.")
+
+
+def join(inputs: Sequence[jax.Array], mask: jax.Array | None = None) -> jax.Array:
+    """Element-wise mean of the inputs whose mask entry is 1 (no 1/(1-p) rescaling, spec §1).
+
+    `mask` has shape (n,) for a per-batch plan or (batch, n) for a per-sample plan; None means all.
+    """
+    stacked = jnp.stack(inputs)
+    if mask is None:
+        return stacked.mean(axis=0)
+    mask = jnp.asarray(mask, stacked.dtype)
+    weights = mask.reshape(mask.shape[-1:] + (1,) * (stacked.ndim - 1)) if mask.ndim == 1 else \
+        mask.T.reshape(mask.shape[::-1] + (1,) * (stacked.ndim - 2))
+    # max(.,1) only guards hand-made plans that drop everything; sampled plans never do.
+    return (stacked * weights).sum(axis=0) / jnp.maximum(weights.sum(axis=0), 1)
+
+
+def max_pool(x: jax.Array) -> jax.Array:
+    return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+
+class ConvUnit(nn.Module):
+    """3×3 conv (no bias) → BatchNorm → ReLU, with dropout before BN ([Caffe]) or after ReLU."""
+
+    features: int
+    dropout_rate: float = 0.0
+    dropout_position: str = "before_bn"
+    dropout_type: str = "element"
+    bn_momentum: float = 0.9
+    bn_affine: bool = True
+    kernel_init: Callable = default_kernel_init
+
+    def _dropout(self, x: jax.Array, train: bool) -> jax.Array:
+        if self.dropout_rate == 0.0:
+            return x
+        broadcast = (1, 2) if self.dropout_type == "channel" else ()
+        return nn.Dropout(self.dropout_rate, broadcast_dims=broadcast, deterministic=not train)(x)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                    kernel_init=self.kernel_init)(x)
+        if self.dropout_position == "before_bn":
+            x = self._dropout(x, train)
+        x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                         use_scale=self.bn_affine, use_bias=self.bn_affine)(x)
+        x = nn.relu(x)
+        if self.dropout_position == "after_relu":
+            x = self._dropout(x, train)
+        return x
+
+
+def unit_name(column: int, position: int) -> str:
+    return f"unit_c{column}_p{position}"
+
+
+class FractalBlock(nn.Module):
+    """One fractal block: conv units on the schedule's grid, collapsed mean-joins, optional pool."""
+
+    schedule: BlockSchedule
+    unit: Callable[..., ConvUnit]
+    pool: bool = True
+    pool_then_join: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, masks: Sequence[jax.Array] | None = None,
+                 column: int | None = None, train: bool = False) -> jax.Array:
+        s = self.schedule
+        live = range(1, s.num_columns + 1) if column is None else (column,)
+        z = {k: x for k in live}
+        joins = iter(zip(s.joins, masks if masks is not None else [None] * len(s.joins)))
+        for p in range(1, s.depth + 1):
+            cols = [k for k in s.columns_at(p) if k in z]
+            for k in cols:
+                z[k] = self.unit(name=unit_name(k, p))(z[k], train)
+            if p % 2:
+                continue
+            _, mask = next(joins)
+            if not cols:  # running one column that this join does not take
+                continue
+            inputs = [z[k] for k in cols]
+            if self.pool and self.pool_then_join and p == s.depth:
+                # The paper pools each column just before the block's final join.
+                inputs = [max_pool(t) for t in inputs]
+            y = inputs[0] if column is not None else join(inputs, mask)
+            z.update({k: y for k in cols})
+        out = z[max(z)]
+        if self.pool and not (self.pool_then_join and s.depth > 1):
+            out = max_pool(out)
+        return out
+
+
+class ImageNetStem(nn.Module):
+    """ResNet's stem: 7×7/2 conv 64 → BN → ReLU → 3×3/2 max-pool (spec §2, FractalNet-34)."""
+
+    bn_momentum: float = 0.9
+    kernel_init: Callable = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = nn.Conv(64, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False,
+                    kernel_init=self.kernel_init)(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum)(x))
+        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+class Head(nn.Module):
+    """Dense softmax classifier on the flattened final map (paper), or after global average pool."""
+
+    num_classes: int
+    kind: str = "dense"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.mean(axis=(1, 2)) if self.kind == "gap" else x.reshape(x.shape[0], -1)
+        return nn.Dense(self.num_classes, kernel_init=default_kernel_init)(x)
+
+
+class ConvNet(nn.Module):
+    """What FractalNet and a plain chain of conv units share: per-block settings, stem, head.
+
+    Blocks are followed by a 2×2 max-pool (the last one too unless `pool_last_block` is False,
+    as for ImageNet where a GAP head follows a 7×7 map).
+    """
+
+    num_classes: int
+    num_blocks: int = 5
+    widths: tuple[int, ...] = (64, 128, 256, 512, 512)
+    dropout: tuple[float, ...] | None = None
+    dropout_position: str = "before_bn"
+    dropout_type: str = "element"
+    head: str = "dense"
+    stem: str = "none"
+    pool_last_block: bool = True
+    bn_momentum: float = 0.9
+    bn_affine: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {self.num_classes!r}.")
+        if not isinstance(self.num_blocks, int) or self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be an integer >= 1, got {self.num_blocks!r}.")
+        if len(self.widths) != self.num_blocks:
+            raise ValueError(f"widths has {len(self.widths)} entries but there are "
+                             f"{self.num_blocks} blocks; give one width per block.")
+        if any(not isinstance(w, int) or w < 1 for w in self.widths):
+            raise ValueError(f"widths must be positive integers, got {tuple(self.widths)}.")
+        if len(self.dropout_rates) != self.num_blocks:
+            raise ValueError(f"dropout has {len(self.dropout_rates)} entries but there are "
+                             f"{self.num_blocks} blocks; give one rate per block (or None).")
+        if any(not 0.0 <= d < 1.0 for d in self.dropout_rates):
+            raise ValueError(f"dropout rates must be in [0, 1), got {self.dropout_rates}.")
+        _check_choice("dropout_position", self.dropout_position, DROPOUT_POSITIONS)
+        _check_choice("dropout_type", self.dropout_type, DROPOUT_TYPES)
+        _check_choice("head", self.head, HEADS)
+        _check_choice("stem", self.stem, STEMS)
+        super().__post_init__()
+
+    @property
+    def dropout_rates(self) -> tuple[float, ...]:
+        return (0.0,) * self.num_blocks if self.dropout is None else tuple(map(float, self.dropout))
+
+    @property
+    def downsampling(self) -> int:
+        """Total spatial reduction: the input size must be a multiple of it."""
+        pools = self.num_blocks - (0 if self.pool_last_block else 1)
+        return 2 ** pools * (4 if self.stem == "imagenet" else 1)
+
+    def pools_after(self, block: int) -> bool:
+        return block < self.num_blocks - 1 or self.pool_last_block
+
+    def check_input(self, x: jax.Array) -> None:
+        name = type(self).__name__
+        if x.ndim != 4:
+            raise ValueError(f"{name} expects NHWC images of rank 4, got shape {x.shape}.")
+        h, w = x.shape[1:3]
+        f = self.downsampling
+        if h % f or w % f:
+            raise ValueError(
+                f"{name}: input size {h}x{w} cannot be divided by its pools (factor {f}); "
+                f"resize or pad the input to a multiple of {f}, or use fewer blocks.")
+
+    def unit_factory(self, block: int) -> Callable[..., ConvUnit]:
+        return functools.partial(ConvUnit, self.widths[block],
+                                 dropout_rate=self.dropout_rates[block],
+                                 dropout_position=self.dropout_position,
+                                 dropout_type=self.dropout_type, bn_momentum=self.bn_momentum,
+                                 bn_affine=self.bn_affine)
+
+    def apply_stem(self, x: jax.Array, train: bool) -> jax.Array:
+        self.check_input(x)
+        if self.stem == "imagenet":
+            x = ImageNetStem(self.bn_momentum, name="stem")(x, train)
+        return x
+
+    def apply_head(self, x: jax.Array) -> jax.Array:
+        return Head(self.num_classes, self.head, name="head")(x)
+
+
+class FractalNet(ConvNet):
+    """B fractal blocks (each with its own column count, width and dropout rate) and a classifier.
+
+    Call as ``model.apply(variables, x, train=..., plan=..., column=...)``:
+      - ``plan``: a drop-path plan (see `drop_path`), used only when ``train`` is True; None or
+        `full_plan` means every join is the plain mean. Eval mode always uses the plain mean.
+      - ``column``: run network column c (1 = shallowest) alone, in either mode.
+      - ``features=True`` returns each block's output (after its pool) instead of logits.
+    """
+
+    num_columns: int | tuple[int, ...] = 3
+    join_order: str = "pool_then_join"
+
+    def __post_init__(self):
+        _check_choice("join_order", self.join_order, JOIN_ORDERS)
+        super().__post_init__()
+        self.network_schedule  # validates num_columns against num_blocks
+
+    @property
+    def network_schedule(self) -> NetworkSchedule:
+        return NetworkSchedule.create(self.num_columns, self.num_blocks)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False, plan=None, column: int | None = None,
+                 features: bool = False):
+        schedule = self.network_schedule
+        if column is not None:
+            schedule.block_column(0, column)  # range check with a clear message
+        if not train or plan is None:
+            plan = (None,) * self.num_blocks
+        elif len(plan) != self.num_blocks:
+            raise ValueError(f"plan has {len(plan)} blocks but the model has {self.num_blocks}; "
+                             "draw it with drop_path.sample(key, model.network_schedule, ...).")
+        x = self.apply_stem(x, train)
+        outputs = []
+        for b, block in enumerate(schedule.blocks):
+            x = FractalBlock(block, self.unit_factory(b), pool=self.pools_after(b),
+                             pool_then_join=self.join_order == "pool_then_join",
+                             name=f"block_{b}")(
+                x, plan[b], None if column is None else schedule.block_column(b, column), train)
+            outputs.append(x)
+        return tuple(outputs) if features else self.apply_head(x)

@@ -1,0 +1,12 @@
+"""Test-wide set-up: quiet TF, CPU-only, and JAX's persistent compilation cache.
+
+The cache lives in the repo (ignored by git) so that subprocess tests and reruns
+reuse compiled programs instead of paying XLA:CPU's compile time again.
+"""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
