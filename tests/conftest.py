@@ -10,3 +10,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+# The same process-wide settings as the main command, so in-process runs match subprocess runs.
+from fractal_jax.runtime import configure_jax  # noqa: E402
+
+configure_jax()

@@ -6,6 +6,7 @@ from typing import Callable, Sequence
 
 import flax.linen as nn
 
+from fractal_jax.models import densenet, inception, resnet, resnext
 from fractal_jax.models.columns import PlainNet
 from fractal_jax.models.fractal import FractalNet
 
@@ -61,6 +62,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     **{f"fractalnet_ultra{c}": _ultra(c) for c in range(1, 7)},
     "fractalnet34_imagenet": fractalnet34_imagenet,
     "plain": plain,
+    **resnet.MODELS, **resnext.MODELS, **densenet.MODELS, **inception.MODELS,
 }
 
 

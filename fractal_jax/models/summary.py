@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         default = create_model(args.name, args.num_classes or 1)
     except ValueError as e:
         parser.error(str(e))
-    imagenet = getattr(default, "stem", None) == "imagenet" or "imagenet" in args.name
+    # ImageNet models downsample by 32 (or have the ImageNet stem); CIFAR ones take 32x32.
+    imagenet = getattr(default, "stem", None) == "imagenet" or \
+        getattr(default, "min_input_size", 1) >= 32
     num_classes = args.num_classes or (1000 if imagenet else 10)
     size = args.input_size or (224 if imagenet else 32)
     try:

@@ -1,0 +1,207 @@
+"""Orbax checkpoints that hold everything needed to continue a run bit for bit.
+
+Each save is one step directory `WORKDIR/checkpoints/<step>/` with two items: `state` (the train
+state pytree: params, batch stats, optimizer state, step, PRNG key) and `metadata` (JSON: config,
+data position, seed, versions). Orbax writes a step into a temporary directory and renames it to
+`<step>` only once every file is on disk, and it deletes the checkpoints its retention policy
+drops only after that rename; so a crash mid-save never costs the previous good checkpoint.
+"""
+import dataclasses
+import json
+import logging
+import operator
+import os
+from typing import Any, Callable, Mapping, TypeVar
+
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+PyTree = Any
+T = TypeVar("T")
+
+CHECKPOINT_DIR = "checkpoints"
+# What Orbax and TensorStore raise for missing, truncated or unparseable files in a step
+# directory (JSONDecodeError and TensorStore's DATA_LOSS / NOT_FOUND are ValueErrors; a missing
+# item is a KeyError), and for a target whose structure does not match the saved one.
+_RESTORE_ERRORS = (OSError, ValueError, KeyError)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be restored (damaged files or an incompatible target)."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+    """Returns the directory that holds the step directories of `workdir`."""
+    return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+def _restore_step(manager: ocp.CheckpointManager, step: int, args: ocp.args.Composite) -> ocp.args.Composite:
+    """Returns `manager.restore(step, args=args)`, turning file-level failures into CheckpointError."""
+    try:
+        return manager.restore(step, args=args)
+    except _RESTORE_ERRORS as error:
+        raise CheckpointError(
+            f"checkpoint {manager.directory / str(step)} cannot be restored: {type(error).__name__}: {error}"
+        ) from error
+
+
+def _newest_readable(directory: str, steps: list[int], read: Callable[[int], T]) -> tuple[T, int] | None:
+    """Returns (read(step), step) for the newest step that reads, None if there are no steps.
+
+    Logs a warning for every newer step that fails; raises CheckpointError if all of them fail.
+    """
+    for step in sorted(steps, reverse=True):
+        try:
+            return read(step), step
+        except CheckpointError as error:
+            logging.warning("skipping damaged checkpoint: %s", error)
+    if steps:
+        raise CheckpointError(f"none of the checkpoints {sorted(steps)} in {directory} can be restored")
+    return None
+
+
+def _open_manager(directory: str, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
+    """Returns a CheckpointManager for `directory`, even if a step's `metrics` file is damaged.
+
+    Orbax reads every step's metrics when it opens a directory (to rank them for retention) and
+    fails on a truncated one; we then open it without reading them, so the old steps are kept or
+    dropped by recency alone, and the damaged step is dealt with on restore.
+    """
+    try:
+        return ocp.CheckpointManager(directory, options=options)
+    except _RESTORE_ERRORS as error:
+        logging.warning("cannot read checkpoint metrics under %s (%s: %s); retention of existing "
+                        "checkpoints falls back to recency", directory, type(error).__name__, error)
+        options = dataclasses.replace(options, lightweight_initialize=True)
+        return ocp.CheckpointManager(directory, options=options)
+
+
+class Checkpointer:
+    """Saves and restores (train state, metadata) pairs under `WORKDIR/checkpoints/`.
+
+    Keeps the newest `keep` checkpoints and, with `keep_best`, the one with the highest
+    `metrics[best_metric]`, through Orbax's preservation policies. Saves are asynchronous when
+    `async_save`: the arrays are copied off the device before `save` returns and written in the
+    background; call `wait()` (or `close()`, or use it as a context manager) before exiting.
+    """
+
+    def __init__(self, workdir: str, *, keep: int = 3, keep_best: bool = True, best_metric: str = "accuracy",
+                 async_save: bool = True):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.directory = checkpoint_dir(workdir)
+        self._best_metric = best_metric if keep_best else None
+        best_fn = operator.itemgetter(best_metric) if keep_best else None
+        retention = policies.LatestN(n=keep)
+        if keep_best:
+            retention = policies.AnyPreservationPolicy([
+                retention,
+                policies.BestN(get_metric_fn=best_fn, n=1, keep_checkpoints_without_metrics=False),
+            ])
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=retention,
+            # Orbax writes a step's metrics to disk (and so can rank old steps after a restart)
+            # only when best_fn is set; the preservation policy alone does not make it do so.
+            best_fn=best_fn,
+            enable_async_checkpointing=async_save,
+            # Removes half-written `<step>.orbax-checkpoint-tmp*` directories of a killed run.
+            cleanup_tmp_directories=True,
+        )
+        self._manager = _open_manager(self.directory, options)
+
+    def save(self, step: int, state: PyTree, *, metadata: Mapping[str, Any],
+             metrics: Mapping[str, float] | None = None, force: bool = False) -> bool:
+        """Starts saving `state` and `metadata` as step `step`; returns False if Orbax skipped it.
+
+        A step at or below the latest saved one is skipped unless `force`. `metrics` rank the
+        checkpoint for `keep_best`; a checkpoint saved without them is kept by recency only.
+        """
+        # Orbax serialises JSON in a background thread, where a bad value would only surface at
+        # the next wait; check here so the error points at the caller.
+        json.dumps(metadata)
+        if metrics is not None:
+            if self._best_metric is not None and self._best_metric not in metrics:
+                raise ValueError(f"metrics lack best_metric {self._best_metric!r}: {sorted(metrics)}")
+            metrics = {name: float(value) for name, value in metrics.items()}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  metadata=ocp.args.JsonSave(dict(metadata)))
+        return self._manager.save(step, args=args, metrics=metrics, force=force)
+
+    def restore(self, target: PyTree, step: int | None = None) -> tuple[PyTree, dict]:
+        """Returns (state, metadata) of `step`, or of the latest step when None.
+
+        `target` is a pytree of the saved structure (e.g. a freshly initialised train state, or
+        its `jax.ShapeDtypeStruct`s); its leaves must be arrays or Python scalars (not NumPy
+        scalars such as np.int64, which Orbax rejects). The result takes the target's tree
+        structure, leaf types, dtypes and shardings: a Python-int leaf comes back as a Python int
+        even if an array was saved, so build the target like the state that was saved.
+        Raises FileNotFoundError if there is no such step and CheckpointError if its files cannot
+        be read.
+        """
+        self.wait()
+        step = self.latest_step() if step is None else step
+        if step not in self.all_steps():
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
+                                    f"steps: {self.all_steps()}")
+        restored = _restore_step(self._manager, step, ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), metadata=ocp.args.JsonRestore()))
+        return restored.state, restored.metadata
+
+    def restore_latest_good(self, target: PyTree) -> tuple[PyTree, dict, int] | None:
+        """Returns (state, metadata, step) of the newest checkpoint that restores, None if none exist.
+
+        Damaged newer checkpoints are logged and then deleted once an older one has restored:
+        otherwise Orbax would refuse to save the resumed run's steps up to theirs. Raises
+        CheckpointError if every checkpoint is damaged (and then deletes nothing).
+        """
+        found = _newest_readable(self.directory, self.all_steps(), lambda step: self.restore(target, step))
+        if found is None:
+            return None
+        (state, metadata), step = found
+        for damaged in [s for s in self.all_steps() if s > step]:
+            logging.warning("deleting damaged checkpoint %s", os.path.join(self.directory, str(damaged)))
+            self._manager.delete(damaged)
+        return state, metadata, step
+
+    def latest_step(self) -> int | None:
+        """Returns the newest saved step (possibly still being written), None if there is none."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Returns the retained steps in increasing order."""
+        return sorted(self._manager.all_steps())
+
+    def wait(self) -> None:
+        """Blocks until pending saves (and the deletions they trigger) are finished."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases Orbax's background resources."""
+        self._manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def read_metadata(workdir: str, step: int | None = None) -> dict | None:
+    """Returns the metadata saved with `step` (default: the newest readable one), None if no checkpoints.
+
+    Reads only the JSON item, so a run can refuse a workdir that holds another experiment
+    before building a model. Raises CheckpointError if the metadata cannot be read.
+    """
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        return None
+    options = ocp.CheckpointManagerOptions(read_only=True, lightweight_initialize=True)
+    with ocp.CheckpointManager(directory, options=options) as manager:
+
+        def read(s: int) -> dict:
+            return _restore_step(manager, s, ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
+
+        if step is not None:
+            return read(step)
+        found = _newest_readable(directory, list(manager.all_steps()), read)
+        return None if found is None else found[0]
