@@ -12,12 +12,11 @@ from typing import Any
 
 import ml_collections
 
+from fractal_jax.data.augment import MAX_SHIFT, NORMALIZATIONS, TIERS
 from fractal_jax.training.optim import validate_optim_config as validate_optim
 from fractal_jax.training.optim import default_optim_config
 
 DATASETS = ("digits", "cifar10", "cifar100", "svhn_cropped", "imagenet2012", "image_folder", "npz")
-AUGMENTS = ("none", "+", "++", "imagenet")
-NORMALIZE = ("mean", "mean_std")
 # Keys that may change between a run and its resumption without changing the experiment.
 RESUMABLE_KEYS = ("num_train_steps", "eval_every_steps", "checkpoint_every_steps",
                   "log_every_steps", "keep_checkpoints", "data_dir", "progress_bar",
@@ -32,14 +31,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.data_dir = ml_collections.config_dict.placeholder(str)
     c.data = ml_collections.ConfigDict(dict(
         path=ml_collections.config_dict.placeholder(str),  # image_folder / npz root
-        augment="+", normalize="mean", train_split="train", eval_split="test"))
+        # Paper tiers "none", "+", "++" (ImageNet always uses random-resized crops + flips);
+        # max_shift / flip set the tier's translation range and mirroring.
+        augment="+", max_shift=MAX_SHIFT, flip=True, normalize="mean", train_split="train",
+        eval_split="test"))
     # model.name picks the registry entry; every other model.* key that is set (not None) is
     # passed to its constructor, overriding the entry's default.
     ph = ml_collections.config_dict.placeholder
     c.model = ml_collections.ConfigDict(dict(
         name="fractalnet20", num_blocks=ph(int), num_columns=ph(int), widths=ph(tuple),
         dropout=ph(tuple), dropout_position=ph(str), dropout_type=ph(str), join_order=ph(str),
-        head=ph(str), stem=ph(str), pool_last_block=ph(bool), bn_momentum=ph(float),
+        join=ph(str), head=ph(str), stem=ph(str), pool_last_block=ph(bool), bn_momentum=ph(float),
         bn_affine=ph(bool), depth=ph(int), stochastic_depth_rate=ph(float)))
     c.drop_path = ml_collections.ConfigDict(dict(p_local=0.15, p_global=0.5, per_sample=False))
     c.optim = default_optim_config()
@@ -85,10 +87,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(isinstance(config.seed, int), "seed", config.seed, "it must be an integer")
     _require(config.dataset in DATASETS, "dataset", config.dataset,
              f"it must be one of {', '.join(DATASETS)}")
-    _require(config.data.augment in AUGMENTS, "data.augment", config.data.augment,
-             f"it must be one of {', '.join(map(repr, AUGMENTS))}")
-    _require(config.data.normalize in NORMALIZE, "data.normalize", config.data.normalize,
-             f"it must be one of {', '.join(NORMALIZE)}")
+    _require(config.data.augment in TIERS, "data.augment", config.data.augment,
+             f"it must be one of {', '.join(map(repr, TIERS))}")
+    _require(isinstance(config.data.max_shift, int) and config.data.max_shift >= 0,
+             "data.max_shift", config.data.max_shift, "it must be an integer >= 0 (pixels)")
+    _require(config.data.normalize in NORMALIZATIONS, "data.normalize", config.data.normalize,
+             f"it must be one of {', '.join(NORMALIZATIONS)}")
     if config.dataset in ("image_folder", "npz"):
         _require(bool(config.data.path), "data.path", config.data.path,
                  f"dataset {config.dataset!r} needs data.path (its root folder or .npz file)")

@@ -340,3 +340,15 @@ def test_imagenet_stream_is_resumable_and_eval_is_padded(tmp_path):
                 assert sum(m.sum() for m in masks) == 13
         with pytest.raises(ValueError, match="no labels"):
             pipeline.eval_batches("imagenet2012", batch_size=4, data_dir=str(tmp_path))
+
+
+def test_translation_range_and_flips_are_configurable():
+    seed = tf.constant([3, 4], tf.int64)
+    flip, shift = augment.sample_augment_params(seed, 2000, max_shift=1, flip=False)
+    assert not flip.numpy().any()
+    assert set(np.unique(shift.numpy())) == {-1, 0, 1}
+    images = tf.reshape(tf.range(1, 17, dtype=tf.float32), (1, 4, 4, 1))
+    out = augment.apply_augment(images, tf.constant([False]), tf.constant([[1, -1]]), "+",
+                                max_shift=1).numpy()[0, ..., 0]
+    np.testing.assert_array_equal(out[0], 0)  # moved down one row: zero row on top
+    np.testing.assert_array_equal(out[1:, :3], images.numpy()[0, :3, 1:, 0])  # and left

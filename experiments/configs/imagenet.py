@@ -8,7 +8,7 @@ TRAIN_IMAGES = 1_281_167
 def get_config():
     c = base_config()
     c.dataset = "imagenet2012"
-    c.data.augment = "imagenet"
+    c.data.augment = "none"  # ImageNet always trains on random-resized crops + flips
     c.data.normalize = "mean_std"
     c.data.eval_split = "validation"
     c.model.name = "fractalnet34_imagenet"

@@ -63,23 +63,26 @@ def normalize_images(images: tf.Tensor, mean: np.ndarray, std: np.ndarray) -> tf
     return (tf.cast(images, tf.float32) / 255.0 - mean) / std
 
 
-def sample_augment_params(seed: tf.Tensor, batch_size: int) -> tuple[tf.Tensor, tf.Tensor]:
+def sample_augment_params(seed: tf.Tensor, batch_size: int, *, max_shift: int = MAX_SHIFT,
+                          flip: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
     """Draws the augmentation of each example of a batch from a stateless seed (shape [2]).
 
-    Returns (flip, shift): flip (B,) bool, whether to mirror horizontally; shift (B, 2)
-    int32, the (down, right) translation of the content in [-MAX_SHIFT, MAX_SHIFT].
+    Returns (flip, shift): flip (B,) bool, whether to mirror horizontally (never, with
+    flip=False: e.g. digits are not mirror-symmetric); shift (B, 2) int32, the (down, right)
+    translation of the content in [-max_shift, max_shift] (the paper's is 4 px on 32×32).
     Row j depends only on (seed, j), so a process can draw for the global batch and keep
     its own rows.
     """
     flip_seed, shift_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    flip = tf.random.stateless_uniform([batch_size], seed=flip_seed) < 0.5
+    flips = tf.random.stateless_uniform([batch_size], seed=flip_seed) < (0.5 if flip else 0.0)
     shift = tf.random.stateless_uniform(
-        [batch_size, 2], seed=shift_seed, minval=-MAX_SHIFT, maxval=MAX_SHIFT + 1, dtype=tf.int32
+        [batch_size, 2], seed=shift_seed, minval=-max_shift, maxval=max_shift + 1, dtype=tf.int32
     )
-    return flip, shift
+    return flips, shift
 
 
-def apply_augment(images: tf.Tensor, flip: tf.Tensor, shift: tf.Tensor, tier: str) -> tf.Tensor:
+def apply_augment(images: tf.Tensor, flip: tf.Tensor, shift: tf.Tensor, tier: str,
+                  max_shift: int = MAX_SHIFT) -> tf.Tensor:
     """Returns the batch `images` (B, H, W, C) flipped and translated as `tier` asks.
 
     `images` must already be mean-subtracted, so that tier "+"'s zero padding is the mean
@@ -89,21 +92,22 @@ def apply_augment(images: tf.Tensor, flip: tf.Tensor, shift: tf.Tensor, tier: st
     if tier == "none":
         return images
     flipped = tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
-    return translate(flipped, shift, _PADDING[tier])
+    return translate(flipped, shift, _PADDING[tier], max_shift)
 
 
-def translate(images: tf.Tensor, shift: tf.Tensor, mode: str) -> tf.Tensor:
+def translate(images: tf.Tensor, shift: tf.Tensor, mode: str,
+              max_shift: int = MAX_SHIFT) -> tf.Tensor:
     """Moves the content of each image (B, H, W, C) down/right by shift (B, 2) pixels.
 
-    Equivalent to padding by MAX_SHIFT (mode "CONSTANT": zeros, or "REFLECT") and cropping
-    back to (H, W) at offset MAX_SHIFT - shift; the crop is a batched gather so that each
-    example gets its own offset without a per-example loop.
+    Equivalent to padding by max_shift (mode "CONSTANT": zeros, or "REFLECT") and cropping
+    back to (H, W) at offset max_shift - shift (|shift| <= max_shift); the crop is a batched
+    gather so that each example gets its own offset without a per-example loop.
     """
-    pad = [[0, 0], [MAX_SHIFT, MAX_SHIFT], [MAX_SHIFT, MAX_SHIFT], [0, 0]]
+    pad = [[0, 0], [max_shift, max_shift], [max_shift, max_shift], [0, 0]]
     padded = tf.pad(images, pad, mode=mode)
     height, width = tf.shape(images)[1], tf.shape(images)[2]
-    rows = MAX_SHIFT - shift[:, :1] + tf.range(height)[None]  # (B, H)
-    cols = MAX_SHIFT - shift[:, 1:] + tf.range(width)[None]  # (B, W)
+    rows = max_shift - shift[:, :1] + tf.range(height)[None]  # (B, H)
+    cols = max_shift - shift[:, 1:] + tf.range(width)[None]  # (B, W)
     cropped_rows = tf.gather(padded, rows, axis=1, batch_dims=1)
     return tf.gather(cropped_rows, cols, axis=2, batch_dims=1)
 

@@ -99,6 +99,8 @@ def train_batches(
     start_step: int = 0,
     num_steps: int | None = None,
     augment: str = "none",
+    max_shift: int = aug.MAX_SHIFT,
+    flip: bool = True,
     normalize: str = "mean",
     data_dir: str | None = None,
     path: str | None = None,
@@ -110,12 +112,15 @@ def train_batches(
 
     Each batch is {"image": float32 (local_batch, H, W, C), "label": int32 (local_batch,)},
     this process's slice of the global batch. The iterator is infinite unless `num_steps`
-    is given. `augment` is a tier of `augment.TIERS`, `normalize` one of
+    is given. `augment` is a tier of `augment.TIERS` (translations up to `max_shift` px,
+    horizontal flips if `flip`; ImageNet always uses its own crops), `normalize` one of
     `augment.NORMALIZATIONS` (statistics from `split`). Errors in the arguments or the
     data are raised here, not at the first `next()`.
     """
     sources.check_dataset_name(dataset)
     aug.check_choice("augmentation tier", augment, aug.TIERS)
+    if not 0 <= max_shift:
+        raise ValueError(f"max_shift must be >= 0 pixels, got {max_shift}.")
     if start_step < 0 or (num_steps is not None and num_steps < 0):
         raise ValueError(f"start_step ({start_step}) and num_steps ({num_steps}) must be >= 0.")
     lo, hi = _process_slice(global_batch_size, process_index, process_count)
@@ -133,7 +138,7 @@ def train_batches(
         )
         batch_at = _in_memory_train_fn(
             sources.load_split(dataset, split, data_dir, path),
-            global_batch_size, lo, hi, seed, augment, mean, std,
+            global_batch_size, lo, hi, seed, augment, mean, std, max_shift, flip,
         )
         batches = steps.map(batch_at, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return batches.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
@@ -243,7 +248,7 @@ def _shuffled_indices(positions: tf.Tensor, num_examples: int, seed: int) -> tf.
 
 def _in_memory_train_fn(
     data: sources.ArraySplit, global_batch: int, lo: int, hi: int, seed: int, tier: str,
-    mean: np.ndarray, std: np.ndarray,
+    mean: np.ndarray, std: np.ndarray, max_shift: int, flip: bool,
 ):
     """Returns step (int64 scalar) -> this process's batch of that step, as TF ops."""
     images, labels = tf.constant(data.images), tf.constant(data.labels)
@@ -253,9 +258,10 @@ def _in_memory_train_fn(
     def batch_at(step: tf.Tensor) -> dict[str, tf.Tensor]:
         indices = _shuffled_indices(step * global_batch + offsets, len(data.labels), seed)
         x = aug.normalize_images(tf.gather(images, indices), mean, std)
-        flip, shift = aug.sample_augment_params(tf.stack([seed_t, step]), global_batch)
+        flips, shift = aug.sample_augment_params(tf.stack([seed_t, step]), global_batch,
+                                                 max_shift=max_shift, flip=flip)
         return {
-            "image": aug.apply_augment(x, flip[lo:hi], shift[lo:hi], tier),
+            "image": aug.apply_augment(x, flips[lo:hi], shift[lo:hi], tier, max_shift),
             "label": tf.gather(labels, indices),
         }
 

@@ -50,6 +50,20 @@ def _data_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return dict(data_dir=config.data_dir, path=config.data.path, normalize=config.data.normalize)
 
 
+def dataset_info(config: ml_collections.ConfigDict) -> pipeline.DatasetInfo:
+    """Returns the DatasetInfo of the config's dataset and splits, which sizes model and schedule."""
+    return pipeline.get_dataset_info(config.dataset, train_split=config.data.train_split,
+                                     eval_split=config.data.eval_split,
+                                     data_dir=config.data_dir, path=config.data.path)
+
+
+def eval_batches(config: ml_collections.ConfigDict) -> Iterator[pipeline.Batch]:
+    """Returns one ordered, masked pass over the config's eval split, exactly as `train` evaluates."""
+    return pipeline.eval_batches(config.dataset, batch_size=config.eval_batch_size,
+                                 split=config.data.eval_split,
+                                 train_split=config.data.train_split, **_data_kwargs(config))
+
+
 def eval_columns(model) -> list[int | None]:
     """None (the full network) and, for a FractalNet, every column alone."""
     if isinstance(model, FractalNet):
@@ -110,10 +124,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     parallel.check_batch_size(config.batch_size)
     parallel.check_batch_size(config.eval_batch_size, "eval_batch_size")
 
-    info = pipeline.get_dataset_info(config.dataset, train_split=config.data.train_split,
-                                     eval_split=config.data.eval_split,
-                                     **{k: v for k, v in _data_kwargs(config).items()
-                                        if k != "normalize"})
+    info = dataset_info(config)
     model = build_model(config, info.num_classes)
     steps_per_epoch = max(1, info.num_train_examples // config.batch_size)
     tx = optim.create_optimizer(config.optim, steps_per_epoch=steps_per_epoch,
@@ -144,14 +155,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     eval_fns = {c: parallel.jit_eval_step(functools.partial(steps.eval_step, column=c), mesh)
                 for c in eval_columns(model)}
 
-    def eval_batches():
-        return pipeline.eval_batches(config.dataset, batch_size=config.eval_batch_size,
-                                     split=config.data.eval_split,
-                                     train_split=config.data.train_split, **_data_kwargs(config))
-
     batches = pipeline.train_batches(
         config.dataset, global_batch_size=config.batch_size, seed=config.seed,
-        start_step=start_step, num_steps=config.num_train_steps, augment=config.data.augment,
+        start_step=start_step, num_steps=config.num_train_steps - start_step,
+        augment=config.data.augment, max_shift=config.data.max_shift, flip=config.data.flip,
         split=config.data.train_split, **_data_kwargs(config))
     bar = tqdm.tqdm(total=config.num_train_steps, initial=start_step, unit="step",
                     disable=not config.progress_bar or jax.process_index() != 0,
@@ -197,7 +204,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 finish(*pending)
                 pending = None
             if step % config.eval_every_steps == 0 or last:
-                eval_metrics = evaluate(state, eval_fns, eval_batches(), mesh)
+                eval_metrics = evaluate(state, eval_fns, eval_batches(config), mesh)
                 writer.write(step, config.data.eval_split, eval_metrics)
                 bar.write(f"step {step}: " + ", ".join(
                     f"{k}={v:.4f}" for k, v in eval_metrics.items() if k.startswith("accuracy")))
@@ -214,7 +221,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         checkpointer.close()
 
     if not eval_metrics:  # resumed a finished run: report its last evaluation
-        eval_metrics = evaluate(state, eval_fns, eval_batches(), mesh)
+        eval_metrics = evaluate(state, eval_fns, eval_batches(config), mesh)
     if jax.process_index() == 0:
         plot_path = plots.plot_learning_curves(read_metrics(workdir),
                                                os.path.join(workdir, "curves.png"))
