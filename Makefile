@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/digits
 
-.PHONY: install run test benchmark clean
+.PHONY: install run test clean
 
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)
@@ -18,9 +18,6 @@ run: install
 
 test: install
 	$(PY) -m pytest
-
-benchmark: install
-	$(PY) experiments/benchmark.py --quick
 
 clean:
 	rm -rf $(VENV) runs .jax_cache .pytest_cache

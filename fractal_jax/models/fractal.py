@@ -2,7 +2,9 @@
 
 `FractalBlock` walks a static `BlockSchedule`; every join is the mean of its surviving inputs, as
 given by a drop-path plan that is drawn outside the model (`drop_path.sample`) and passed in.
-`column=c` runs network column c alone as a plain chain: only that column's units are computed.
+With ``join="learned"`` the mean is weighted by a softmax over one learnable logit per join input
+(taken over the survivors only). `column=c` runs network column c alone as a plain chain: only
+that column's units are computed.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ DROPOUT_TYPES = ("element", "channel")
 JOIN_ORDERS = ("pool_then_join", "join_then_pool")
 HEADS = ("dense", "gap")
 STEMS = ("none", "imagenet")
+JOINS = ("mean", "learned")
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -30,19 +33,44 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}.")
 
 
-def join(inputs: Sequence[jax.Array], mask: jax.Array | None = None) -> jax.Array:
-    """Element-wise mean of the inputs whose mask entry is 1 (no 1/(1-p) rescaling, spec §1).
+def input_weights(mask: jax.Array | None, logits: jax.Array) -> jax.Array:
+    """Returns the weight of each join input: the softmax of `logits` over the surviving inputs.
 
-    `mask` has shape (n,) for a per-batch plan or (batch, n) for a per-sample plan; None means all.
+    `mask` is (n,) for a per-batch plan, (batch, n) for a per-sample one, or None (all survive);
+    the weights have its shape. A dropped input (mask entry 0) gets weight exactly 0, so with one
+    survivor the join is that input and no gradient reaches the others or the logits. A mask
+    that drops everything gives all-zero weights, not NaN. Equal logits give the plain mean.
+    """
+    if mask is None:
+        return jax.nn.softmax(logits)
+    keep = jnp.asarray(mask) > 0
+    return jax.nn.softmax(jnp.broadcast_to(logits, keep.shape), where=keep)
+
+
+def join(inputs: Sequence[jax.Array], mask: jax.Array | None = None,
+         logits: jax.Array | None = None) -> jax.Array:
+    """Returns the mean of the surviving inputs (mask entry 1), weighted by `input_weights`.
+
+    Without `logits` it is the paper's plain mean (no 1/(1-p) rescaling, spec §1); with `logits`
+    (n,) the weights are their softmax over the survivors (the learned join). `mask` has shape
+    (n,) for a per-batch plan or (batch, n) for a per-sample plan; None means all survive.
     """
     stacked = jnp.stack(inputs)
-    if mask is None:
-        return stacked.mean(axis=0)
-    mask = jnp.asarray(mask, stacked.dtype)
-    weights = mask.reshape(mask.shape[-1:] + (1,) * (stacked.ndim - 1)) if mask.ndim == 1 else \
-        mask.T.reshape(mask.shape[::-1] + (1,) * (stacked.ndim - 2))
-    # max(.,1) only guards hand-made plans that drop everything; sampled plans never do.
-    return (stacked * weights).sum(axis=0) / jnp.maximum(weights.sum(axis=0), 1)
+    if logits is None:  # the plain mean is the weighted one with equal logits
+        logits = jnp.zeros(len(inputs), jnp.float32)
+    # (n,) -> (n, 1, 1, 1); a per-sample (batch, n) -> (n, batch, 1, 1, 1).
+    weights = jnp.moveaxis(input_weights(mask, logits).astype(stacked.dtype), -1, 0)
+    weights = weights.reshape(weights.shape + (1,) * (stacked.ndim - weights.ndim))
+    return (stacked * weights).sum(axis=0)
+
+
+class LearnedJoin(nn.Module):
+    """A join with one learnable logit per input, initialised to 0 so that it starts as the mean."""
+
+    @nn.compact
+    def __call__(self, inputs: Sequence[jax.Array], mask: jax.Array | None = None) -> jax.Array:
+        logits = self.param("logits", nn.initializers.zeros, (len(inputs),), jnp.float32)
+        return join(inputs, mask, logits)
 
 
 def max_pool(x: jax.Array) -> jax.Array:
@@ -84,13 +112,21 @@ def unit_name(column: int, position: int) -> str:
     return f"unit_c{column}_p{position}"
 
 
+def join_name(position: int) -> str:
+    return f"join_{position}"
+
+
 class FractalBlock(nn.Module):
-    """One fractal block: conv units on the schedule's grid, collapsed mean-joins, optional pool."""
+    """One fractal block: conv units on the schedule's grid, collapsed joins, optional pool.
+
+    Joins are plain means, or `LearnedJoin`s named ``join_{position}`` when `learned_join`.
+    """
 
     schedule: BlockSchedule
     unit: Callable[..., ConvUnit]
     pool: bool = True
     pool_then_join: bool = True
+    learned_join: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, masks: Sequence[jax.Array] | None = None,
@@ -112,7 +148,12 @@ class FractalBlock(nn.Module):
             if self.pool and self.pool_then_join and p == s.depth:
                 # The paper pools each column just before the block's final join.
                 inputs = [max_pool(t) for t in inputs]
-            y = inputs[0] if column is not None else join(inputs, mask)
+            if column is not None:
+                y = inputs[0]
+            elif self.learned_join:
+                y = LearnedJoin(name=join_name(p))(inputs, mask)
+            else:
+                y = join(inputs, mask)
             z.update({k: y for k in cols})
         out = z[max(z)]
         if self.pool and not (self.pool_then_join and s.depth > 1):
@@ -232,16 +273,21 @@ class FractalNet(ConvNet):
 
     Call as ``model.apply(variables, x, train=..., plan=..., column=...)``:
       - ``plan``: a drop-path plan (see `drop_path`), used only when ``train`` is True; None or
-        `full_plan` means every join is the plain mean. Eval mode always uses the plain mean.
+        `full_plan` means every join takes all its inputs, as it always does in eval mode.
       - ``column``: run network column c (1 = shallowest) alone, in either mode.
       - ``features=True`` returns each block's output (after its pool) instead of logits.
+
+    ``join``: "mean" (the paper) or "learned", a `LearnedJoin` at every join: the mean of the
+    surviving inputs weighted by a softmax over learnable per-input logits.
     """
 
     num_columns: int | tuple[int, ...] = 3
     join_order: str = "pool_then_join"
+    join: str = "mean"
 
     def __post_init__(self):
         _check_choice("join_order", self.join_order, JOIN_ORDERS)
+        _check_choice("join", self.join, JOINS)
         super().__post_init__()
         self.network_schedule  # validates num_columns against num_blocks
 
@@ -265,7 +311,7 @@ class FractalNet(ConvNet):
         for b, block in enumerate(schedule.blocks):
             x = FractalBlock(block, self.unit_factory(b), pool=self.pools_after(b),
                              pool_then_join=self.join_order == "pool_then_join",
-                             name=f"block_{b}")(
+                             learned_join=self.join == "learned", name=f"block_{b}")(
                 x, plan[b], None if column is None else schedule.block_column(b, column), train)
             outputs.append(x)
         return tuple(outputs) if features else self.apply_head(x)

@@ -38,6 +38,24 @@ def _ultra(columns: int) -> Callable[..., FractalNet]:
     return build
 
 
+# Stage presets: 3 blocks, one column count per block (the first block shallower), GAP head.
+STAGE_PRESETS = {
+    "micro": ((1, 2, 2), (16, 32, 64)),
+    "small": ((2, 3, 3), (32, 64, 128)),
+    "medium": ((3, 4, 4), (64, 128, 256)),
+    "large": ((4, 5, 5), (96, 192, 384)),
+}
+
+
+def _stages(columns: tuple[int, ...], widths: tuple[int, ...]) -> Callable[..., FractalNet]:
+    def build(num_classes: int = 10, **kwargs) -> FractalNet:
+        defaults = dict(num_blocks=len(columns), num_columns=columns, widths=widths, head="gap")
+        return fractalnet(num_classes, **{**defaults, **kwargs})
+    build.__doc__ = (f"Stage preset for 32x32 inputs: C={columns} per block, widths {widths}, "
+                     "a pool after every block, GAP head.")
+    return build
+
+
 def fractalnet34_imagenet(num_classes: int = 1000, **kwargs) -> FractalNet:
     """ImageNet FractalNet-34: B=4, C=4, widths 128..1024, ResNet stem, GAP head (spec §2)."""
     defaults = dict(num_blocks=4, num_columns=4, widths=(128, 256, 512, 1024),
@@ -60,6 +78,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "fractalnet": fractalnet,
     "fractalnet20": fractalnet20,
     **{f"fractalnet_ultra{c}": _ultra(c) for c in range(1, 7)},
+    **{f"fractalnet_{size}": _stages(*preset) for size, preset in STAGE_PRESETS.items()},
     "fractalnet34_imagenet": fractalnet34_imagenet,
     "plain": plain,
     **resnet.MODELS, **resnext.MODELS, **densenet.MODELS, **inception.MODELS,
