@@ -20,17 +20,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import inspect  # noqa: E402
-import itertools  # noqa: E402
-import time  # noqa: E402
 
-import jax  # noqa: E402
 import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from fractal_jax import cli  # noqa: E402
 from fractal_jax import config as config_lib  # noqa: E402
-from fractal_jax.analysis import runs  # noqa: E402
+from fractal_jax.analysis import plots, runs  # noqa: E402
+from fractal_jax.analysis.timing import eval_images_per_second  # noqa: E402
 from fractal_jax.models import registry  # noqa: E402
 from fractal_jax.models.summary import count_flops, count_params  # noqa: E402
 from fractal_jax.runtime import configure_jax  # noqa: E402
@@ -43,9 +41,6 @@ flags.DEFINE_string("workdir", None, "Directory for one workdir per model and se
 flags.DEFINE_list("models", None, "Comma-separated registry names, e.g. fractalnet,resnet20.")
 flags.DEFINE_list("seeds", None, "Comma-separated seeds (default: the config's seed).")
 flags.mark_flags_as_required(["config", "workdir", "models"])
-
-TIMING_BATCHES = 4  # eval batches per timed pass
-TIMING_PASSES = 5  # timed passes after the warm-up one, to average out timer noise
 
 
 def model_options(name: str) -> set[str]:
@@ -86,29 +81,6 @@ def config_for_model(config: ml_collections.ConfigDict,
     return config, dropped
 
 
-def eval_images_per_second(run: runs.Run) -> float:
-    """Returns eval-mode images/s of the run's jitted forward pass on its first eval batches.
-
-    One warm-up pass compiles; the timed passes count every row, padding included, since the
-    compiled program computes them all.
-    """
-    images = [jax.device_put(b["image"])
-              for b in itertools.islice(runs.eval_batches(run), TIMING_BATCHES)]
-    jax.block_until_ready([runs.probabilities(run, x) for x in images])
-    start = time.perf_counter()
-    for _ in range(TIMING_PASSES):
-        jax.block_until_ready([runs.probabilities(run, x) for x in images])
-    elapsed = time.perf_counter() - start
-    return TIMING_PASSES * sum(len(x) for x in images) / elapsed
-
-
-def format_accuracy(values: tuple[float, ...]) -> str:
-    """Returns "85.12%" for one seed, "85.12% ± 1.03%" (sample std) for several."""
-    if len(values) == 1:
-        return f"{values[0]:.2%}"
-    return f"{np.mean(values):.2%} ± {np.std(values, ddof=1):.2%}"
-
-
 @dataclasses.dataclass(frozen=True)
 class Row:
     """One model's results: its final eval accuracy per seed, size, cost and speed."""
@@ -124,7 +96,7 @@ def markdown_table(rows: list[Row], split: str) -> str:
     """Returns one markdown table with a row per model."""
     lines = [f"| model | {split} accuracy | parameters | FLOPs / image | eval images/s |",
              "|---|---:|---:|---:|---:|"]
-    lines += [f"| {r.model} | {format_accuracy(r.accuracies)} | {r.params:,} | {r.flops:,.0f} "
+    lines += [f"| {r.model} | {plots.format_mean_std(r.accuracies)} | {r.params:,} | {r.flops:,.0f} "
               f"| {r.images_per_second:,.0f} |" for r in rows]
     return "\n".join(lines)
 
@@ -168,8 +140,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str, models: list[str],
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    cli.quiet_logs()
     configure_jax()
     try:
         seeds = [int(s) for s in FLAGS.seeds] if FLAGS.seeds else [FLAGS.config.seed]
@@ -178,12 +149,10 @@ def main(argv):
     if len(set(FLAGS.models)) != len(FLAGS.models) or len(set(seeds)) != len(seeds):
         raise app.UsageError("--models and --seeds must not repeat an entry")
     os.makedirs(FLAGS.workdir, exist_ok=True)
-    try:
+    with cli.one_line_errors():
         table = compare(FLAGS.config, FLAGS.workdir, FLAGS.models, seeds)
-    except (ValueError, loop.NonFiniteLossError) as e:
-        raise SystemExit(f"error: {e}") from None
     print(f"\n{table}\n\ntable: {os.path.join(FLAGS.workdir, 'compare.md')}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

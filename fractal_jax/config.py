@@ -16,11 +16,12 @@ from fractal_jax.data.augment import MAX_SHIFT, NORMALIZATIONS, TIERS
 from fractal_jax.training.optim import validate_optim_config as validate_optim
 from fractal_jax.training.optim import default_optim_config
 
+NONFINITE = ("stop", "skip")
 DATASETS = ("digits", "cifar10", "cifar100", "svhn_cropped", "imagenet2012", "image_folder", "npz")
 # Keys that may change between a run and its resumption without changing the experiment.
 RESUMABLE_KEYS = ("num_train_steps", "eval_every_steps", "checkpoint_every_steps",
                   "log_every_steps", "keep_checkpoints", "data_dir", "progress_bar",
-                  "eval_batch_size")
+                  "eval_batch_size", "drop_path.skip", "model.remat", "nonfinite")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -42,8 +43,11 @@ def base_config() -> ml_collections.ConfigDict:
         name="fractalnet20", num_blocks=ph(int), num_columns=ph(int), widths=ph(tuple),
         dropout=ph(tuple), dropout_position=ph(str), dropout_type=ph(str), join_order=ph(str),
         join=ph(str), head=ph(str), stem=ph(str), pool_last_block=ph(bool), bn_momentum=ph(float),
-        bn_affine=ph(bool), depth=ph(int), stochastic_depth_rate=ph(float)))
-    c.drop_path = ml_collections.ConfigDict(dict(p_local=0.15, p_global=0.5, per_sample=False))
+        bn_affine=ph(bool), depth=ph(int), stochastic_depth_rate=ph(float), weight_init=ph(str),
+        dtype=ph(str), remat=ph(bool)))
+    # skip: steps under a global plan compute only the kept column (same results, faster).
+    c.drop_path = ml_collections.ConfigDict(dict(p_local=0.15, p_global=0.5, per_sample=False,
+                                                 skip=True))
     c.optim = default_optim_config()
     c.batch_size = 100
     c.eval_batch_size = 500
@@ -54,7 +58,29 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.progress_bar = True
     c.distributed = False  # call jax.distributed.initialize() for multi-host runs
+    # A NaN/Inf loss or gradient: "stop" the run (its last checkpoint stays good), or "skip" the
+    # batch (the state stays as it was; the train records count `nonfinite_skipped`).
+    c.nonfinite = "stop"
     return c
+
+
+def _unknown_key(key: str, reference: ml_collections.ConfigDict, prefix: str) -> ValueError:
+    close = difflib.get_close_matches(key, list(reference.keys()), n=3)
+    hint = f" Did you mean {', '.join(repr(prefix + c) for c in close)}?" if close else ""
+    return ValueError(f"Unknown config key {prefix + key!r}.{hint} Valid keys here: "
+                      f"{', '.join(sorted(prefix + k for k in reference.keys()))}.")
+
+
+def check_key(path: str) -> None:
+    """Raises ValueError, with a "did you mean", unless the dotted `path` (e.g. "optim.name") is a
+    config key."""
+    reference, prefix = base_config(), ""
+    for key in path.split("."):
+        if not isinstance(reference, ml_collections.ConfigDict):
+            raise ValueError(f"Unknown config key {path!r}: {prefix[:-1]!r} has no sub-keys.")
+        if key not in reference:
+            raise _unknown_key(key, reference, prefix)
+        reference, prefix = reference[key], f"{prefix}{key}."
 
 
 def _check_keys(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
@@ -62,11 +88,8 @@ def _check_keys(config: ml_collections.ConfigDict, reference: ml_collections.Con
     for key in config.keys():
         name = f"{prefix}{key}"
         if key not in reference:
-            close = difflib.get_close_matches(key, list(reference.keys()), n=3)
-            hint = f" Did you mean {', '.join(repr(prefix + c) for c in close)}?" if close else ""
-            raise ValueError(f"Unknown config key {name!r}.{hint} Valid keys here: "
-                             f"{', '.join(sorted(prefix + k for k in reference.keys()))}.")
-        if isinstance(reference[key], ml_collections.ConfigDict) and key != "optim":
+            raise _unknown_key(key, reference, prefix)
+        if isinstance(reference[key], ml_collections.ConfigDict):
             _check_keys(config[key], reference[key], f"{name}.")
 
 
@@ -102,6 +125,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         value = config.drop_path[key]
         _require(isinstance(value, (int, float)) and 0.0 <= value <= 1.0, f"drop_path.{key}",
                  value, "it must be a probability in [0, 1]")
+    for key in ("per_sample", "skip"):
+        _require(isinstance(config.drop_path[key], bool), f"drop_path.{key}",
+                 config.drop_path[key], "it must be True or False")
+    _require(config.nonfinite in NONFINITE, "nonfinite", config.nonfinite,
+             f"it must be one of {', '.join(NONFINITE)}")
     for key in ("batch_size", "eval_batch_size", "num_train_steps", "log_every_steps",
                 "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         _positive_int(config, key)

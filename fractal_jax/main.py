@@ -12,6 +12,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from fractal_jax import cli  # noqa: E402
+from fractal_jax import config as config_lib  # noqa: E402
 from fractal_jax.runtime import configure_jax  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -26,24 +28,20 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    if not FLAGS["verbosity"].present:  # library INFO logs (e.g. every checkpoint step) drown the progress
-        logging.set_verbosity(logging.WARNING)
+    cli.quiet_logs()
     configure_jax()
-    from fractal_jax.training import loop, parallel  # after the JAX runtime is configured
+    from fractal_jax.training import loop, parallel  # after configure_jax()
 
-    config = FLAGS.config
-    if config.distributed:
-        parallel.initialize_distributed()
-    if FLAGS.fresh:
-        moved = loop.move_aside(FLAGS.workdir)
-        if moved:
-            logging.info("moved the previous run to %s", moved)
-    try:
+    with cli.one_line_errors():
+        config = config_lib.validate(FLAGS.config)  # before --fresh moves anything
+        if config.distributed:
+            parallel.initialize_distributed()
+        if FLAGS.fresh:
+            moved = loop.move_aside(FLAGS.workdir)
+            if moved:
+                logging.info("moved the previous run to %s", moved)
         loop.train(config, FLAGS.workdir)
-    except (ValueError, loop.NonFiniteLossError) as e:
-        # A clear message, not a traceback wall: every such error names the problem and the fix.
-        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -10,14 +10,15 @@ CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "fractal_jax", "jax")
 
 
-def configure_jax() -> None:
-    """Sets default XLA flags and turns on JAX's persistent compilation cache.
+def configure_jax(cpu_flags: bool = True) -> None:
+    """Sets default XLA flags (unless `cpu_flags` is False) and turns on JAX's persistent
+    compilation cache.
 
     Must run before JAX initialises its backends. Both respect what the user already set:
     XLA_FLAGS entries and JAX_COMPILATION_CACHE_DIR win over these defaults.
     """
     flags = os.environ.get("XLA_FLAGS", "")
-    for flag in CPU_XLA_FLAGS:
+    for flag in CPU_XLA_FLAGS if cpu_flags else ():
         if flag.split("=")[0] not in flags:
             flags = f"{flags} {flag}".strip()
     os.environ["XLA_FLAGS"] = flags

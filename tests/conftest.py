@@ -11,7 +11,25 @@ _CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+import pytest  # noqa: E402
+
 # The same process-wide settings as the main command, so in-process runs match subprocess runs.
 from fractal_jax.runtime import configure_jax  # noqa: E402
 
 configure_jax()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A TFDS data_dir, shared by the session's runs (digits is built in it once)."""
+    return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, data_dir):
+    """One uninterrupted run of tests/tiny_config.py: (workdir, final eval metrics)."""
+    from fractal_jax.training import loop
+    from test_training import tiny_config
+
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    return workdir, loop.train(tiny_config(data_dir), workdir)

@@ -1,4 +1,5 @@
-"""FractalNet variants: learned joins, stage presets, and the join-weights plot."""
+"""FractalNet variants: learned joins, stage presets, the join-weights plot, and the weight-init,
+precision and rematerialisation options."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -202,3 +203,80 @@ def test_join_weights_command(learned, tmp_path, capsys):
     assert jw.main(["--workdir", str(tmp_path / "mean"), "--out", str(tmp_path / "x.png")]) == 2
     assert "--config.model.join=learned" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def loss_and_grads(model, variables, plan):
+    def loss(params):
+        logits = train_apply(model, {**variables, "params": params}, plan)
+        return jnp.mean(logits.astype(jnp.float32) ** 2)
+    return jax.jit(jax.value_and_grad(loss))(variables["params"])
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+    plain, remat = fractalnet(5, **TINY), fractalnet(5, **TINY, remat=True)
+    variables = jax.jit(plain.init)(jax.random.key(0), X)
+    plan = drop_path.sample(jax.random.key(3), plain.network_schedule, 0.15, 0.0)
+    chex.assert_trees_all_close(loss_and_grads(remat, variables, plan),
+                                loss_and_grads(plain, variables, plan), atol=1e-6)
+    assert extract_column(remat, variables, 2)[0].remat  # extracted columns keep the option
+
+
+def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state():
+    model = fractalnet(5, **TINY, dtype="bfloat16")
+    variables = jax.jit(model.init)(jax.random.key(0), X)
+    for leaf in jax.tree.leaves(variables):
+        assert leaf.dtype == jnp.float32  # parameters and BatchNorm statistics
+    logits, updates = jax.jit(lambda v: model.apply(
+        v, X, train=True, mutable=["batch_stats"]))(variables)
+    assert logits.dtype == jnp.bfloat16
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(updates))
+    reference = fractalnet(5, **TINY).apply(variables, X)
+    np.testing.assert_allclose(model.apply(variables, X).astype(jnp.float32), reference,
+                               atol=0.1, rtol=0.05)
+
+
+def test_weight_init_schemes():
+    def kernel_std(init):
+        model = fractalnet(5, num_blocks=1, num_columns=1, widths=(64,), weight_init=init)
+        variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+        return float(jnp.std(variables["params"]["block_0"]["unit_c1_p1"]["Conv_0"]["kernel"]))
+    fan_in, fan_out = 3 * 3 * 3, 3 * 3 * 64
+    np.testing.assert_allclose(kernel_std("xavier"), np.sqrt(1 / fan_in), rtol=0.1)  # Caffe
+    np.testing.assert_allclose(kernel_std("he"), np.sqrt(2 / fan_in), rtol=0.1)
+    np.testing.assert_allclose(kernel_std("glorot"), np.sqrt(2 / (fan_in + fan_out)), rtol=0.1)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("weight_init", "kaiming", "weight_init must be one of 'xavier', 'he', 'glorot'"),
+    ("dtype", "float16", "dtype must be one of 'float32', 'bfloat16'"),
+])
+def test_bad_option_names_the_choices(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        fractalnet(5, **TINY, **{key: value})
+
+
+@pytest.mark.parametrize("overrides, check", [
+    ({"model.dropout_position": "after_relu"}, lambda m: m.dropout_position == "after_relu"),
+    ({"model.dropout_type": "channel"}, lambda m: m.dropout_type == "channel"),
+    ({"model.join_order": "join_then_pool"}, lambda m: m.join_order == "join_then_pool"),
+    ({"model.bn_affine": False}, lambda m: not m.bn_affine),
+    ({"model.head": "gap"}, lambda m: m.head == "gap"),
+    ({"model.weight_init": "he"}, lambda m: m.weight_init == "he"),
+    ({"model.name": "plain", "model.depth": 10},
+     lambda m: m.units_per_block == (2,) * 5),  # Table 4's plain network
+])
+def test_every_model_ablation_switch_reaches_the_model(overrides, check):
+    config = config_lib.base_config()
+    config.update_from_flattened_dict(overrides)
+    assert check(build_model(config_lib.validate(config), num_classes=10))
+
+
+@pytest.mark.parametrize("key, value", [
+    ("drop_path.per_sample", True), ("drop_path.p_global", 0.25), ("drop_path.p_local", 0.3),
+    ("optim.weight_decay", 5e-4), ("data.augment", "++"), ("data.augment", "none"),
+])
+def test_every_training_ablation_switch_is_a_checked_config_key(key, value):
+    config = config_lib.base_config()
+    config.update_from_flattened_dict({key: value})
+    section, name = key.split(".")
+    assert config_lib.validate(config)[section][name] == value

@@ -5,12 +5,14 @@ evaluation of Table 4, one "accuracy/column_k"/"loss/column_k" per column run al
 """
 import re
 
+import numpy as np
+
 from matplotlib.figure import Figure
 
 _COLUMN_KEY = re.compile(r"^accuracy/column_(\d+)$")
 
 
-def _columns(record: dict) -> list[int]:
+def column_numbers(record: dict) -> list[int]:
     """Returns the column numbers k that have an "accuracy/column_k" entry, in increasing order."""
     return sorted(int(m.group(1)) for m in map(_COLUMN_KEY.match, record) if m)
 
@@ -34,7 +36,7 @@ def plot_learning_curves(records: list[dict], path: str) -> str:
     for split in splits:
         loss_axes.plot(*_series(records, split, "loss"), label=split)
         accuracy_axes.plot(*_series(records, split, "accuracy"), label=f"{split} full network", linewidth=2)
-        columns = sorted({k for r in records if r["split"] == split for k in _columns(r)})
+        columns = sorted({k for r in records if r["split"] == split for k in column_numbers(r)})
         for k in columns:
             accuracy_axes.plot(*_series(records, split, f"accuracy/column_{k}"), label=f"{split} column {k}",
                                linestyle="--", linewidth=1)
@@ -54,7 +56,7 @@ def column_accuracy_table(record: dict) -> str:
     Accuracy is a percentage with two decimals; loss has four; a missing value is "–".
     """
     rows = [("full network", "accuracy", "loss")] + [
-        (f"column {k}", f"accuracy/column_{k}", f"loss/column_{k}") for k in _columns(record)]
+        (f"column {k}", f"accuracy/column_{k}", f"loss/column_{k}") for k in column_numbers(record)]
 
     def cell(key: str, fmt: str) -> str:
         return format(float(record[key]), fmt) if key in record else "–"
@@ -62,3 +64,14 @@ def column_accuracy_table(record: dict) -> str:
     lines = ["| | accuracy | loss |", "|---|---:|---:|"]
     lines += [f"| {name} | {cell(acc, '.2%')} | {cell(loss, '.4f')} |" for name, acc, loss in rows]
     return "\n".join(lines)
+
+
+def mean_std(values: tuple[float, ...]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value)."""
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
+def format_mean_std(values: tuple[float, ...]) -> str:
+    """"85.12%" for one seed, "85.12% ± 1.03%" (sample std) for several."""
+    mean, std = mean_std(values)
+    return f"{mean:.2%}" if std is None else f"{mean:.2%} ± {std:.2%}"

@@ -122,30 +122,36 @@ def eval_batches(run: Run) -> Iterator[pipeline.Batch]:
     return loop.eval_batches(run.config)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _probabilities(model: nn.Module, variables: Variables, images: jax.Array) -> jax.Array:
-    logits = model.apply(variables, images, train=False)
+@functools.partial(jax.jit, static_argnames=("model", "column"))
+def _probabilities(model: nn.Module, variables: Variables, images: jax.Array,
+                   column: int | None) -> jax.Array:
+    kwargs = {} if column is None else {"column": column}
+    logits = model.apply(variables, images, train=False, **kwargs)
     return jax.nn.softmax(logits.astype(jnp.float32))
 
 
-def probabilities(run: Run, images: np.ndarray | jax.Array) -> jax.Array:
+def probabilities(run: Run, images: np.ndarray | jax.Array,
+                  column: int | None = None) -> jax.Array:
     """Returns the eval-mode class probabilities (N, num_classes) of a batch of images.
 
-    Compiled once per model and batch shape (the model is a static, hashable argument), so
-    every equal-sized batch of every run of the same model reuses one program.
+    `column` runs one FractalNet column alone (None: the full network). Compiled once per
+    model, column and batch shape (the model is a static, hashable argument), so every
+    equal-sized batch of every run of the same model reuses one program.
     """
-    return _probabilities(run.model, run.variables, images)
+    return _probabilities(run.model, run.variables, images, column)
 
 
-def predict(run: Run, batches: Iterable[pipeline.Batch]) -> tuple[np.ndarray, np.ndarray]:
+def predict(run: Run, batches: Iterable[pipeline.Batch],
+            column: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Returns (probabilities (N, num_classes), labels (N,)) over the real rows of `batches`.
 
-    Padding rows (mask False) are dropped, so N is the number of examples in the split.
+    `column` predicts with one FractalNet column alone. Padding rows (mask False) are dropped,
+    so N is the number of examples in the split.
     """
     probs, labels = [], []
     for batch in batches:
         mask = np.asarray(batch["mask"], bool)
-        probs.append(np.asarray(probabilities(run, batch["image"]))[mask])
+        probs.append(np.asarray(probabilities(run, batch["image"], column))[mask])
         labels.append(np.asarray(batch["label"])[mask])
     return np.concatenate(probs), np.concatenate(labels)
 

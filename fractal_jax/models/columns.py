@@ -45,9 +45,10 @@ class PlainNet(ConvNet):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False, features: bool = False):
         x = self.apply_stem(x, train)
+        block_cls = self.block_class(PlainBlock, static_argnums=(2,))  # train
         outputs = []
         for b, depth in enumerate(self.units_per_block):
-            x = PlainBlock(depth, self.unit_factory(b), self.pools_after(b), name=f"block_{b}")(
+            x = block_cls(depth, self.unit_factory(b), self.pools_after(b), name=f"block_{b}")(
                 x, train)
             outputs.append(x)
         return tuple(outputs) if features else self.apply_head(x)
@@ -60,7 +61,7 @@ def column_network(model: FractalNet, column: int) -> PlainNet:
                    for i, b in enumerate(schedule.blocks))
     shared = {f: getattr(model, f) for f in (
         "num_classes", "num_blocks", "widths", "dropout", "dropout_position", "dropout_type",
-        "head", "stem", "pool_last_block", "bn_momentum", "bn_affine")}
+        "head", "stem", "pool_last_block", "bn_momentum", "bn_affine", "weight_init", "dtype", "remat")}
     return PlainNet(units_per_block=depths, **shared)
 
 

@@ -87,12 +87,58 @@ def _local_masks(key: jax.Array, schedule: NetworkSchedule, p_local: Rate) -> Pl
     return tuple(blocks)
 
 
-def _sample_one(key: jax.Array, schedule: NetworkSchedule, p_local: Rate, p_global: Rate) -> Plan:
-    k_mode, k_column, k_local = jax.random.split(key, 3)
+def sample_mode(key: jax.Array, schedule: NetworkSchedule,
+                p_global: Rate) -> tuple[jax.Array, jax.Array]:
+    """Returns (is_global, column): the mode `sample` draws for `key` (column 1-based).
+
+    Split out so that a caller can pick the mode on the host and run a program that computes
+    only the chosen column (training/skipping.py) while drawing exactly the plans of `sample`.
+    """
+    k_mode, k_column, _ = jax.random.split(key, 3)
     is_global = jax.random.uniform(k_mode) < p_global
-    column = jax.random.randint(k_column, (), 1, schedule.max_columns + 1)
+    return is_global, jax.random.randint(k_column, (), 1, schedule.max_columns + 1)
+
+
+def sample_local(key: jax.Array, schedule: NetworkSchedule, p_local: Rate) -> Plan:
+    """The local plan `sample` draws for `key` when its mode comes out local."""
+    check_rate("p_local", p_local)
+    return _local_masks(jax.random.split(key, 3)[2], schedule, p_local)
+
+
+def _sample_one(key: jax.Array, schedule: NetworkSchedule, p_local: Rate, p_global: Rate) -> Plan:
+    is_global, column = sample_mode(key, schedule, p_global)
     return jax.tree.map(lambda g, l: jnp.where(is_global, g, l),
-                        _global_masks(schedule, column), _local_masks(k_local, schedule, p_local))
+                        _global_masks(schedule, column), sample_local(key, schedule, p_local))
+
+
+def live_units(plan: Plan, schedule: NetworkSchedule) -> tuple[dict[tuple[int, int], jax.Array], ...]:
+    """Which conv units of a per-batch plan reach the output: ``[block][(column, position)]``.
+
+    A unit is live when a chain of kept join inputs carries its output to the block's output
+    (the deepest column after the last join). Dead units do not change the loss, so a program
+    that skips them and one that computes and masks them agree once dead units also leave their
+    BatchNorm statistics alone (`fractal.keep_live_batch_stats`). Entries are boolean scalars
+    (traceable).
+    """
+    out = []
+    for block, masks in zip(schedule.blocks, plan):
+        if any(jnp.ndim(m) != 1 for m in masks):
+            raise ValueError("live_units needs a per-batch plan (masks of shape (n,)); per-sample "
+                             "plans run every unit on some sample.")
+        joins = {j.position: (j.columns, m) for j, m in zip(block.joins, masks)}
+        # needed[k]: the value of column k at this point of the walk reaches the block output.
+        needed = {k: jnp.asarray(k == block.num_columns) for k in range(1, block.num_columns + 1)}
+        live = {}
+        for p in range(block.depth, 0, -1):
+            if p in joins:
+                columns, mask = joins[p]
+                out_needed = jnp.any(jnp.stack([needed[k] for k in columns]))
+                for k, keep in zip(columns, mask):
+                    needed[k] = out_needed & (keep > 0)
+            for k in block.columns_at(p):
+                live[(k, p)] = needed[k]
+        out.append(live)
+    return tuple(out)
 
 
 def sample(key: jax.Array, schedule: NetworkSchedule, p_local: Rate, p_global: Rate,

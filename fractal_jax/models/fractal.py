@@ -15,10 +15,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fractal_jax.models import drop_path
 from fractal_jax.models.schedule import BlockSchedule, NetworkSchedule
 
-# Caffe's "Xavier" filler is uniform with fan-in scaling (spec §1).
-default_kernel_init = nn.initializers.lecun_uniform()
+# Caffe's "Xavier" filler is uniform with fan-in scaling (spec §1); the others are ablations.
+INITS = {"xavier": nn.initializers.lecun_uniform(),
+         "he": nn.initializers.he_normal(),
+         "glorot": nn.initializers.glorot_uniform()}
+default_kernel_init = INITS["xavier"]
+DTYPES = ("float32", "bfloat16")
 
 DROPOUT_POSITIONS = ("before_bn", "after_relu")
 DROPOUT_TYPES = ("element", "channel")
@@ -87,6 +92,7 @@ class ConvUnit(nn.Module):
     bn_momentum: float = 0.9
     bn_affine: bool = True
     kernel_init: Callable = default_kernel_init
+    dtype: str = "float32"
 
     def _dropout(self, x: jax.Array, train: bool) -> jax.Array:
         if self.dropout_rate == 0.0:
@@ -97,11 +103,12 @@ class ConvUnit(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                    kernel_init=self.kernel_init)(x)
+                    kernel_init=self.kernel_init, dtype=self.dtype)(x)
         if self.dropout_position == "before_bn":
             x = self._dropout(x, train)
+        # BatchNorm computes its statistics in float32 whatever `dtype` is (flax promotes them).
         x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                         use_scale=self.bn_affine, use_bias=self.bn_affine)(x)
+                         use_scale=self.bn_affine, use_bias=self.bn_affine, dtype=self.dtype)(x)
         x = nn.relu(x)
         if self.dropout_position == "after_relu":
             x = self._dropout(x, train)
@@ -166,12 +173,14 @@ class ImageNetStem(nn.Module):
 
     bn_momentum: float = 0.9
     kernel_init: Callable = default_kernel_init
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = nn.Conv(64, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False,
-                    kernel_init=self.kernel_init)(x)
-        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum)(x))
+                    kernel_init=self.kernel_init, dtype=self.dtype)(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                                 dtype=self.dtype)(x))
         return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
@@ -180,11 +189,13 @@ class Head(nn.Module):
 
     num_classes: int
     kind: str = "dense"
+    kernel_init: Callable = default_kernel_init
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.mean(axis=(1, 2)) if self.kind == "gap" else x.reshape(x.shape[0], -1)
-        return nn.Dense(self.num_classes, kernel_init=default_kernel_init)(x)
+        return nn.Dense(self.num_classes, kernel_init=self.kernel_init, dtype=self.dtype)(x)
 
 
 class ConvNet(nn.Module):
@@ -205,6 +216,9 @@ class ConvNet(nn.Module):
     pool_last_block: bool = True
     bn_momentum: float = 0.9
     bn_affine: bool = True
+    weight_init: str = "xavier"
+    dtype: str = "float32"
+    remat: bool = False
 
     def __post_init__(self):
         if not isinstance(self.num_classes, int) or self.num_classes < 1:
@@ -225,6 +239,8 @@ class ConvNet(nn.Module):
         _check_choice("dropout_type", self.dropout_type, DROPOUT_TYPES)
         _check_choice("head", self.head, HEADS)
         _check_choice("stem", self.stem, STEMS)
+        _check_choice("weight_init", self.weight_init, tuple(INITS))
+        _check_choice("dtype", self.dtype, DTYPES)
         super().__post_init__()
 
     @property
@@ -256,16 +272,22 @@ class ConvNet(nn.Module):
                                  dropout_rate=self.dropout_rates[block],
                                  dropout_position=self.dropout_position,
                                  dropout_type=self.dropout_type, bn_momentum=self.bn_momentum,
-                                 bn_affine=self.bn_affine)
+                                 bn_affine=self.bn_affine, kernel_init=INITS[self.weight_init],
+                                 dtype=self.dtype)
 
     def apply_stem(self, x: jax.Array, train: bool) -> jax.Array:
         self.check_input(x)
         if self.stem == "imagenet":
-            x = ImageNetStem(self.bn_momentum, name="stem")(x, train)
+            x = ImageNetStem(self.bn_momentum, INITS[self.weight_init], self.dtype, name="stem")(x, train)
         return x
 
+    def block_class(self, cls: type[nn.Module], static_argnums: tuple[int, ...]) -> type[nn.Module]:
+        """`cls`, rematerialised when `remat` is set: only each block's input is kept for the
+        backward pass and the rest is recomputed (argument 0 is the module itself)."""
+        return nn.remat(cls, static_argnums=static_argnums) if self.remat else cls
+
     def apply_head(self, x: jax.Array) -> jax.Array:
-        return Head(self.num_classes, self.head, name="head")(x)
+        return Head(self.num_classes, self.head, INITS[self.weight_init], self.dtype, name="head")(x)
 
 
 class FractalNet(ConvNet):
@@ -307,11 +329,31 @@ class FractalNet(ConvNet):
             raise ValueError(f"plan has {len(plan)} blocks but the model has {self.num_blocks}; "
                              "draw it with drop_path.sample(key, model.network_schedule, ...).")
         x = self.apply_stem(x, train)
+        block_cls = self.block_class(FractalBlock, static_argnums=(3, 4))  # column, train
         outputs = []
         for b, block in enumerate(schedule.blocks):
-            x = FractalBlock(block, self.unit_factory(b), pool=self.pools_after(b),
+            x = block_cls(block, self.unit_factory(b), pool=self.pools_after(b),
                              pool_then_join=self.join_order == "pool_then_join",
                              learned_join=self.join == "learned", name=f"block_{b}")(
                 x, plan[b], None if column is None else schedule.block_column(b, column), train)
             outputs.append(x)
         return tuple(outputs) if features else self.apply_head(x)
+
+
+def keep_live_batch_stats(model: FractalNet, new: dict, old: dict, plan) -> dict:
+    """`new` BatchNorm statistics, except that units the per-batch `plan` leaves dead keep `old`.
+
+    A dead unit's output never reaches the loss, so the statistics after a step that computes
+    and masks it equal those of a step that skips it (training/skipping.py) only if its
+    statistics do not move either: the plan decides what was trained, not what happened to run.
+    """
+    stats = dict(new)
+    for b, live in enumerate(drop_path.live_units(plan, model.network_schedule)):
+        name = f"block_{b}"
+        block = dict(new[name])
+        for (k, p), alive in live.items():
+            unit = unit_name(k, p)
+            block[unit] = jax.tree.map(lambda n, o, a=alive: jnp.where(a, n, o),
+                                       new[name][unit], old[name][unit])
+        stats[name] = block
+    return stats

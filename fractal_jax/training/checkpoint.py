@@ -4,14 +4,18 @@ Each save is one step directory `WORKDIR/checkpoints/<step>/` with two items: `s
 state pytree: params, batch stats, optimizer state, step, PRNG key) and `metadata` (JSON: config,
 data position, seed, versions). Orbax writes a step into a temporary directory and renames it to
 `<step>` only once every file is on disk, and it deletes the checkpoints its retention policy
-drops only after that rename; so a crash mid-save never costs the previous good checkpoint.
+drops only after that rename; so a crash or a failed write mid-save never costs the previous good
+checkpoint. A step that cannot be restored is moved to `WORKDIR/damaged_checkpoints/`, never
+deleted.
 """
+import contextlib
 import dataclasses
 import json
 import logging
 import operator
 import os
-from typing import Any, Callable, Mapping, TypeVar
+import time
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
@@ -20,14 +24,20 @@ PyTree = Any
 T = TypeVar("T")
 
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "damaged_checkpoints"
 # What Orbax and TensorStore raise for missing, truncated or unparseable files in a step
 # directory (JSONDecodeError and TensorStore's DATA_LOSS / NOT_FOUND are ValueErrors; a missing
-# item is a KeyError), and for a target whose structure does not match the saved one.
-_RESTORE_ERRORS = (OSError, ValueError, KeyError)
+# item is a KeyError; unreadable array data is a bare Exception), and for a target whose
+# structure does not match the saved one.
+_RESTORE_ERRORS = (Exception,)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be restored (damaged files or an incompatible target)."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed (disk full, read-only directory, ...); older ones are intact."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -41,7 +51,8 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, args: ocp.args.Comp
         return manager.restore(step, args=args)
     except _RESTORE_ERRORS as error:
         raise CheckpointError(
-            f"checkpoint {manager.directory / str(step)} cannot be restored: {type(error).__name__}: {error}"
+            f"checkpoint {manager.directory / str(step)} is damaged or incompatible: "
+            f"{type(error).__name__}: {error}"
         ) from error
 
 
@@ -54,7 +65,7 @@ def _newest_readable(directory: str, steps: list[int], read: Callable[[int], T])
         try:
             return read(step), step
         except CheckpointError as error:
-            logging.warning("skipping damaged checkpoint: %s", error)
+            logging.warning("%s; falling back to an older checkpoint", error)
     if steps:
         raise CheckpointError(f"none of the checkpoints {sorted(steps)} in {directory} can be restored")
     return None
@@ -106,8 +117,12 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             # Removes half-written `<step>.orbax-checkpoint-tmp*` directories of a killed run.
             cleanup_tmp_directories=True,
+            # Create a step's directories in `save`, so that a read-only or full disk fails there
+            # at once; created in the background, Orbax would wait minutes for them first.
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         )
         self._manager = _open_manager(self.directory, options)
+        self._saving: int | None = None  # the step of the save in flight, for error messages
 
     def save(self, step: int, state: PyTree, *, metadata: Mapping[str, Any],
              metrics: Mapping[str, float] | None = None, force: bool = False) -> bool:
@@ -125,7 +140,27 @@ class Checkpointer:
             metrics = {name: float(value) for name, value in metrics.items()}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   metadata=ocp.args.JsonSave(dict(metadata)))
-        return self._manager.save(step, args=args, metrics=metrics, force=force)
+        self.wait()  # reports a failure of the previous save under its own step
+        self._saving = step
+        with self._save_errors():
+            return self._manager.save(step, args=args, metrics=metrics, force=force)
+
+    @contextlib.contextmanager
+    def _save_errors(self) -> Iterator[None]:
+        """Turns any failure of the save in flight into a CheckpointSaveError that says what to do.
+
+        Orbax raises the OSError (ENOSPC, EROFS, EACCES, ...) or TensorStore's ValueError of a
+        failed write, here or, for a write that failed in the background, at the next wait.
+        """
+        try:
+            yield
+        except Exception as error:
+            self._manager.reload()  # forget the failed step: list what is complete on disk
+            raise CheckpointSaveError(
+                f"Writing checkpoint {self._saving} to {self.directory} failed: "
+                f"{type(error).__name__}: {error}\nThe complete checkpoints (steps "
+                f"{self.all_steps()}) are intact. Free disk space or make the directory "
+                "writable, then run the same command again to resume.") from error
 
     def restore(self, target: PyTree, step: int | None = None) -> tuple[PyTree, dict]:
         """Returns (state, metadata) of `step`, or of the latest step when None.
@@ -150,18 +185,33 @@ class Checkpointer:
     def restore_latest_good(self, target: PyTree) -> tuple[PyTree, dict, int] | None:
         """Returns (state, metadata, step) of the newest checkpoint that restores, None if none exist.
 
-        Damaged newer checkpoints are logged and then deleted once an older one has restored:
-        otherwise Orbax would refuse to save the resumed run's steps up to theirs. Raises
-        CheckpointError if every checkpoint is damaged (and then deletes nothing).
+        Damaged newer checkpoints are logged and, once an older one has restored, moved to
+        `WORKDIR/damaged_checkpoints/<step>-<time>`: out of Orbax's way (it would refuse to save
+        the resumed run's steps up to theirs) but not deleted, since a read can also fail for a
+        passing reason. Raises CheckpointError if every checkpoint is damaged (and moves nothing).
         """
         found = _newest_readable(self.directory, self.all_steps(), lambda step: self.restore(target, step))
         if found is None:
             return None
         (state, metadata), step = found
-        for damaged in [s for s in self.all_steps() if s > step]:
-            logging.warning("deleting damaged checkpoint %s", os.path.join(self.directory, str(damaged)))
-            self._manager.delete(damaged)
+        damaged = [s for s in self.all_steps() if s > step]
+        if damaged:
+            self._set_aside(damaged)
         return state, metadata, step
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Moves the step directories `steps` to DAMAGED_DIR, next to the checkpoint directory."""
+        if ocp.multihost.is_primary_host(0):
+            aside = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
+            os.makedirs(aside, exist_ok=True)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for step in steps:
+                source = os.path.join(self.directory, str(step))
+                target = os.path.join(aside, f"{step}-{stamp}")
+                os.rename(source, target)
+                logging.warning("moved damaged checkpoint %s to %s", source, target)
+        ocp.multihost.sync_global_processes("fractal_jax:checkpoints_set_aside")
+        self._manager.reload()
 
     def latest_step(self) -> int | None:
         """Returns the newest saved step (possibly still being written), None if there is none."""
@@ -172,11 +222,16 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def wait(self) -> None:
-        """Blocks until pending saves (and the deletions they trigger) are finished."""
-        self._manager.wait_until_finished()
+        """Blocks until pending saves (and the deletions they trigger) are finished.
+
+        Raises CheckpointSaveError if the last save failed.
+        """
+        with self._save_errors():
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
         """Waits for pending saves and releases Orbax's background resources."""
+        self.wait()
         self._manager.close()
 
     def __enter__(self) -> "Checkpointer":

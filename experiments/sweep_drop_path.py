@@ -1,0 +1,96 @@
+"""Trains one FractalNet per (seed, p_local, p_global), all at once, and tabulates the results:
+
+    python experiments/sweep_drop_path.py --config experiments/configs/digits.py \
+        --workdir runs/sweep --seeds 0,1,2,3 --p_local 0,0.15,0.3 --p_global 0,0.5 \
+        [--data_order own|shared] [--chunk N] [--fresh] [--config.KEY=VALUE ...]
+
+Members train together (`fractal_jax.training.sweep`): on accelerators through one compiled
+train step vmapped over all members, or over `--chunk` of them at a time when they do not fit
+in memory together; on CPU one after another through their single-run steps (`--strategy`).
+Each equals the single run of its seed and rates (within float tolerance, or exactly for loop).
+Writes WORKDIR/sweep_results.csv, .md and .png (eval accuracy, mean ± std over seeds for every
+rate pair, full network and each column) and one run directory per member under
+WORKDIR/members/. Running the command again resumes, or reports a finished sweep.
+"""
+import os
+import sys
+
+# Run as a script: make the repository importable without installing it.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from fractal_jax import cli  # noqa: E402
+from fractal_jax import config as config_lib  # noqa: E402
+from fractal_jax.runtime import configure_jax  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to an experiment config file.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for the sweep's members and result tables.")
+flags.DEFINE_list("seeds", None, "Comma-separated seeds (default: the config's seed).")
+flags.DEFINE_list("p_local", None, "Comma-separated local drop-path rates "
+                  "(default: the config's drop_path.p_local).")
+flags.DEFINE_list("p_global", None, "Comma-separated probabilities of a global drop-path step "
+                  "(default: the config's drop_path.p_global).")
+flags.DEFINE_enum("data_order", "own", ["own", "shared"], "own: each member reads the batches "
+                  "of its own seed (as its single run does); shared: every member reads those "
+                  "of the config's seed.")
+flags.DEFINE_integer("chunk", None, "Train at most this many members at a time (default: all).")
+flags.DEFINE_enum("strategy", "auto", ["auto", "vmap", "loop"], "vmap: one compiled step for "
+                  "all members of a chunk; loop: each member's single-run step in turn (dead "
+                  "work skipped); auto: loop on CPU, vmap on accelerators.")
+flags.DEFINE_bool("fresh", False, "Move an existing workdir aside (WORKDIR.old-<time>) and "
+                  "start from scratch instead of resuming.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_values(name: str, values: list[str] | None, default, kind: type) -> tuple:
+    """The flag's comma-separated values as `kind`, or (default,) when the flag is not given."""
+    if values is None:
+        return (default,)
+    try:
+        return tuple(kind(v) for v in values)
+    except ValueError:
+        raise app.UsageError(f"--{name} must be comma-separated {kind.__name__}s, "
+                             f"got {','.join(values)!r}") from None
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    cli.quiet_logs()
+    configure_jax()
+    import jax  # after the JAX runtime is configured
+
+    from fractal_jax.analysis import sweep_tables
+    from fractal_jax.training import loop, parallel, sweep
+
+    with cli.one_line_errors():
+        config = config_lib.validate(FLAGS.config)  # before --fresh moves anything
+        spec = sweep.Sweep(
+            seeds=parse_values("seeds", FLAGS.seeds, config.seed, int),
+            p_local=parse_values("p_local", FLAGS.p_local, config.drop_path.p_local, float),
+            p_global=parse_values("p_global", FLAGS.p_global, config.drop_path.p_global, float),
+            data_order=FLAGS.data_order)
+        sweep.check_chunk(FLAGS.chunk)
+        if config.distributed:
+            parallel.initialize_distributed()
+        if FLAGS.fresh:
+            moved = loop.move_aside(FLAGS.workdir)
+            if moved:
+                logging.info("moved the previous sweep to %s", moved)
+        sweep.train_sweep(config, FLAGS.workdir, spec, chunk=FLAGS.chunk,
+                          strategy=FLAGS.strategy)
+    if jax.process_index() == 0:
+        paths = [os.path.join(FLAGS.workdir, name) for name in (
+            sweep_tables.MARKDOWN_FILE, sweep_tables.CSV_FILE, sweep_tables.PLOT_FILE)]
+        with open(paths[0], encoding="utf-8") as f:
+            print(f"\n{f.read()}\nresults: {', '.join(paths)}\n"
+                  f"members: {os.path.join(FLAGS.workdir, sweep.MEMBERS_DIR)}/")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=cli.parse_flags)

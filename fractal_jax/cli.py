@@ -1,0 +1,59 @@
+"""What the command lines share: `--config.KEY=VALUE` parsing whose mistakes are one-line errors,
+quiet library logs, and the errors shown as one line ("error: ...") instead of a traceback.
+
+    app.run(main, flags_parser=cli.parse_flags)      # and inside main:
+    cli.quiet_logs()
+    with cli.one_line_errors():
+        ...
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Iterator
+
+from absl import app, flags, logging
+
+from fractal_jax import config as config_lib
+
+OVERRIDE = "--config."
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, except that an unknown --config.KEY is a one-line error.
+
+    ml_collections rejects an override of a key the config lacks with a traceback; say which
+    key instead, with a "did you mean", and exit with status 1.
+    """
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (KeyError, AttributeError):
+        for arg in argv[1:]:
+            if arg.startswith(OVERRIDE):
+                try:
+                    config_lib.check_key(arg[len(OVERRIDE):].split("=")[0])
+                except ValueError as e:
+                    sys.exit(f"error: {e}")
+        raise
+
+
+def quiet_logs() -> None:
+    """Library INFO logs (e.g. every checkpoint step) drown the progress bar; -v brings them."""
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors that name the problem and the fix: a traceback would only hide them."""
+    from fractal_jax.training import checkpoint, lock, loop
+    return (ValueError, loop.NonFiniteLossError, lock.WorkdirLockError,
+            checkpoint.CheckpointError, checkpoint.CheckpointSaveError)
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Turns `user_errors` raised inside into ``error: <message>`` and exit status 1."""
+    try:
+        yield
+    except user_errors() as e:
+        raise SystemExit(f"error: {e}") from None

@@ -1,0 +1,218 @@
+"""Anytime evaluation (BatchNorm re-estimation per column) and the paper-table reproduction."""
+import csv
+import dataclasses
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from experiments import anytime as anytime_script
+from experiments import paper_results, reproduce
+from fractal_jax.analysis import anytime, runs
+from fractal_jax.data.sources import DatasetNotFoundError
+from fractal_jax.models.columns import extract_column
+from fractal_jax.models.fractal import unit_name
+from fractal_jax.models.registry import create_model
+from fractal_jax.models.summary import count_params
+from fractal_jax.training import loop
+from test_training import ROOT, tiny_config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+    """A tiny 2-column run: (workdir, final eval metrics). Steps are cheap, compiling is not:
+    60 steps make the columns' accuracy clearly better than chance."""
+    workdir = str(tmp_path_factory.mktemp("anytime_run"))
+    config = tiny_config(data_dir, num_train_steps=60, eval_every_steps=30,
+                         checkpoint_every_steps=30)
+    return workdir, loop.train(config, workdir)
+
+
+@pytest.fixture(scope="module")
+def run(trained):
+    return runs.load_run(trained[0])
+
+
+def column_units(model, column):
+    """The (block, unit) names that network column `column` runs through."""
+    schedule = model.network_schedule
+    return {(f"block_{b}", unit_name(schedule.block_column(b, column), p))
+            for b, block in enumerate(schedule.blocks)
+            for p in block.column_positions(schedule.block_column(b, column))}
+
+
+def accuracy(run, column):
+    return runs.accuracy(*runs.predict(run, runs.eval_batches(run), column))
+
+
+def test_reestimated_statistics_are_the_columns_averaged_batch_statistics(run):
+    images = anytime.training_images(run, 2)
+    assert images.shape == (2, run.config.batch_size, 8, 8, 1)
+    stats = anytime.reestimate_batch_stats(run.model, run.variables, images, 1)
+
+    old = traverse_util.flatten_dict(run.variables["batch_stats"])
+    new = traverse_util.flatten_dict(stats)
+    assert new.keys() == old.keys()
+    changed = {path[:2] for path in old if not np.array_equal(old[path], new[path])}
+    assert changed == column_units(run.model, 1)
+
+    # Column 1's first unit reads the image: its statistics are those of conv(image) per batch.
+    block = run.model.network_schedule.blocks[0]
+    unit = unit_name(1, block.column_positions(1)[0])
+    kernel = run.variables["params"]["block_0"][unit]["Conv_0"]["kernel"]
+    conv = jax.vmap(lambda x: jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))(jnp.asarray(images))
+    bn = stats["block_0"][unit]["BatchNorm_0"]
+    np.testing.assert_allclose(bn["mean"], conv.mean(axis=(1, 2, 3)).mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn["var"], conv.var(axis=(1, 2, 3)).mean(0), rtol=1e-4, atol=1e-6)
+
+    chex.assert_trees_all_equal(
+        stats, anytime.reestimate_batch_stats(run.model, run.variables, images, 1))
+
+
+@pytest.mark.parametrize("column", [2, None])
+def test_statistics_of_one_batch_make_eval_mode_compute_train_mode(run, column):
+    x = anytime.training_images(run, 1)
+    stats = anytime.reestimate_batch_stats(run.model, run.variables, x, column)
+    params = run.variables["params"]
+    evaluated = run.model.apply({"params": params, "batch_stats": stats}, x[0], column=column)
+    trained, _ = run.model.clone(dropout=None).apply(
+        run.variables, x[0], train=True, column=column, mutable=["batch_stats"])
+    np.testing.assert_allclose(evaluated, trained, rtol=1e-4, atol=1e-4)
+
+
+def test_reestimation_restores_a_column_whose_shared_statistics_are_wrong(run):
+    wrong = jax.tree.map(lambda s: s * 50.0 + 3.0, run.variables["batch_stats"])
+    broken = dataclasses.replace(run, variables={**run.variables, "batch_stats": wrong})
+    images = anytime.training_images(run, 4)
+    fixed, reference = (dataclasses.replace(r, variables={
+        **r.variables, "batch_stats": anytime.reestimate_batch_stats(r.model, r.variables,
+                                                                     images, 2)})
+        for r in (broken, run))
+    # The estimate does not depend on the stored statistics, so the damage is undone exactly.
+    assert accuracy(fixed, 2) == accuracy(reference, 2) > accuracy(broken, 2) + 0.3
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_anytime_script_writes_tables_plot_and_identical_reruns(run, trained, tmp_path, capsys):
+    workdir, final = trained
+    first, second = tmp_path / "a", tmp_path / "b"
+    for out in (first, second):
+        assert anytime_script.main(["--workdir", workdir, "--bn-batches", "3",
+                                    "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert (first / "anytime.md").read_text() in printed
+
+    rows = read_csv(first / "anytime.csv")
+    assert [r["network"] for r in rows] == ["column 1", "column 2", "full network"]
+    assert [int(r["depth"]) for r in rows] == [3, 6, 6]
+    shape = (1, 8, 8, 1)
+    assert [int(r["params"]) for r in rows] == [
+        count_params(extract_column(run.model, run.variables, c)[0], shape) for c in (1, 2)
+    ] + [count_params(run.model, shape)]
+    flops = [float(r["flops"]) for r in rows]
+    assert 0 < flops[0] < flops[1] < flops[2]
+    # Shared statistics: exactly what training's own evaluation measured.
+    for row, key in zip(rows, ("accuracy/column_1", "accuracy/column_2", "accuracy")):
+        assert float(row["accuracy_shared_bn"]) == pytest.approx(final[key], abs=1e-12)
+        assert 0.0 <= float(row["accuracy_reestimated_bn"]) <= 1.0
+
+    for name in ("anytime.md", "anytime.csv"):
+        assert (first / name).read_bytes() == (second / name).read_bytes()
+    speed = (first / "anytime_speed.md").read_text().splitlines()
+    assert [line.split("|")[1].strip() for line in speed[-3:]] == [r["network"] for r in rows]
+    assert all(float(line.split("|")[2].replace(",", "")) > 0 for line in speed[-3:])
+    assert (first / "anytime.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_anytime_errors_name_the_problem(run, tmp_path, capsys):
+    assert anytime_script.main(["--workdir", str(tmp_path)]) == 2
+    assert "no checkpoint in" in capsys.readouterr().err
+    resnet = dataclasses.replace(run, model=create_model("resnet20", 10))
+    with pytest.raises(ValueError, match="needs a FractalNet"):
+        anytime.anytime_rows(resnet, 1)
+    with pytest.raises(ValueError, match="at least 1 batch"):
+        anytime.training_images(run, 0)
+
+
+def test_recipes_are_the_published_ones():
+    configs, rows = reproduce.recipe(1, "C10++")
+    plain, drop_path = configs["fractalnet20"], configs["fractalnet20_drop_path"]
+    for config in (plain, drop_path):
+        assert (config.dataset, config.data.augment, config.model.name) == (
+            "cifar10", "++", "fractalnet20")
+        assert (config.batch_size, config.num_train_steps, config.optim.learning_rate) == (
+            100, 200_000, 0.02)
+    assert (plain.drop_path.p_local, plain.drop_path.p_global, plain.model.dropout) == (
+        0.0, 0.0, (0.0,) * 5)
+    assert (drop_path.drop_path.p_local, drop_path.drop_path.p_global) == (0.15, 0.5)
+    assert drop_path.model.dropout is None  # fractalnet20's own (0, .1, .2, .3, .4)
+    assert [r.model for r in rows] == list(paper_results.ERRORS[1])  # FractalNet-40 included
+    assert reproduce.recipe(1, "C10")[1][-1].model == "→ deepest column alone"
+
+    configs, rows = reproduce.recipe(4, "C100++")
+    assert sorted(configs) == ["fractalnet_ultra4", "plain_10", "plain_20", "plain_40", "plain_5"]
+    for config in configs.values():
+        assert (config.dataset, config.data.augment, config.batch_size) == ("cifar100", "++", 50)
+    assert configs["plain_40"].model.depth == 40
+    assert [r.model for r in rows] == list(paper_results.ERRORS[4])
+    assert sorted(reproduce.recipe(3, "C100++")[0]) == [
+        f"fractalnet_ultra{c}" for c in range(1, 7)]
+
+
+@pytest.mark.parametrize("table,setting,match", [
+    (5, "C10", "unknown table 5; the paper's tables are 1, 2, 3, 4"),
+    (3, "C10", "Table 3 has no setting 'C10'; it reports C100\\+\\+"),
+    (1, "C10+++", "Table 1 has no setting 'C10\\+\\+\\+'; it reports C100, C100\\+"),
+])
+def test_unknown_table_or_setting_is_refused_with_the_choices(table, setting, match):
+    with pytest.raises(ValueError, match=match):
+        reproduce.recipe(table, setting)
+
+
+def test_paper_budget_without_the_dataset_fails_before_training(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="tfds build cifar10 --data_dir"):
+        reproduce.reproduce(1, "C10+", "paper", str(tmp_path / "runs"),
+                            {"data_dir": str(tmp_path / "no_data")})
+    assert not os.path.exists(tmp_path / "runs" / "paper" / "C10+")
+    with pytest.raises(ValueError, match="unknown budget 'quick'; use one of paper, smoke"):
+        reproduce.reproduce(1, "C10+", "quick", str(tmp_path / "runs"))
+
+
+@pytest.mark.slow
+def test_smoke_budget_fills_the_table_and_reruns_byte_identically(tmp_path):
+    """The CLI trains Table 1 (C10) on the stand-in; a fresh rerun writes the same bytes."""
+    data_dir = str(tmp_path / "no_data")
+    cmd = [sys.executable, "experiments/reproduce.py", "--table=1", "--setting=C10",
+           "--budget=smoke", f"--workdir={tmp_path / 'a'}", f"--config.data_dir={data_dir}"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = (tmp_path / "a" / "smoke" / "table1_C10.md").read_text()
+    assert "STAND-IN for cifar10" in text.splitlines()[0]
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    assert lines[0] == "| model | paper | measured | steps × batch |"
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in lines[1:]]
+    expected = {row: errors["C10"] for row, errors in paper_results.ERRORS[1].items()
+                if "C10" in errors}
+    assert {c[0]: float(c[1]) for c in cells} == expected == {
+        "FractalNet-20": 10.18, "+ drop-path + dropout": 7.33, "→ deepest column alone": 7.27}
+    assert all(0.0 <= float(c[2]) <= 100.0 and c[3] == "4 × 10" for c in cells)
+    assert text.strip() in out.stdout
+
+    again = reproduce.reproduce(1, "C10", "smoke", str(tmp_path / "b"), {"data_dir": data_dir})
+    assert (tmp_path / "b" / "smoke" / "table1_C10.md").read_text() == text == again + "\n"
