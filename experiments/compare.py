@@ -31,7 +31,6 @@ from fractal_jax.analysis import plots, runs  # noqa: E402
 from fractal_jax.analysis.timing import eval_images_per_second  # noqa: E402
 from fractal_jax.models import registry  # noqa: E402
 from fractal_jax.models.summary import count_flops, count_params  # noqa: E402
-from fractal_jax.runtime import configure_jax  # noqa: E402
 from fractal_jax.training import loop  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -138,10 +137,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str, models: list[str],
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    cli.quiet_logs()
-    configure_jax()
+    cli.start(argv)
     try:
         seeds = [int(s) for s in FLAGS.seeds] if FLAGS.seeds else [FLAGS.config.seed]
     except ValueError:

@@ -43,7 +43,6 @@ from fractal_jax import cli  # noqa: E402
 from fractal_jax import config as config_lib  # noqa: E402
 from fractal_jax.data.sources import DatasetNotFoundError  # noqa: E402
 from fractal_jax.models.registry import CIFAR_DROPOUT  # noqa: E402
-from fractal_jax.runtime import configure_jax  # noqa: E402
 from fractal_jax.training import loop  # noqa: E402
 
 BUDGETS = ("paper", "smoke")
@@ -249,11 +248,8 @@ def define_flags() -> None:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    cli.start(argv)
     args = flags.FLAGS
-    cli.quiet_logs()
-    configure_jax()
     overrides = config_flags.get_override_values(args["config"])
     with cli.one_line_errors():
         text = reproduce(args.table, args.setting, args.budget, args.workdir, overrides)

@@ -24,7 +24,6 @@ from ml_collections import config_flags  # noqa: E402
 
 from fractal_jax import cli  # noqa: E402
 from fractal_jax import config as config_lib  # noqa: E402
-from fractal_jax.runtime import configure_jax  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an experiment config file.",
@@ -59,10 +58,7 @@ def parse_values(name: str, values: list[str] | None, default, kind: type) -> tu
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    cli.quiet_logs()
-    configure_jax()
+    cli.start(argv)
     import jax  # after the JAX runtime is configured
 
     from fractal_jax.analysis import sweep_tables

@@ -1,8 +1,8 @@
 """What the command lines share: `--config.KEY=VALUE` parsing whose mistakes are one-line errors,
 quiet library logs, and the errors shown as one line ("error: ...") instead of a traceback.
 
-    app.run(main, flags_parser=cli.parse_flags)      # and inside main:
-    cli.quiet_logs()
+    app.run(main, flags_parser=cli.parse_flags)      # and inside main(argv):
+    cli.start(argv)
     with cli.one_line_errors():
         ...
 """
@@ -15,6 +15,7 @@ from typing import Iterator
 from absl import app, flags, logging
 
 from fractal_jax import config as config_lib
+from fractal_jax.runtime import configure_jax
 
 OVERRIDE = "--config."
 
@@ -37,10 +38,14 @@ def parse_flags(argv: list[str]) -> list[str]:
         raise
 
 
-def quiet_logs() -> None:
-    """Library INFO logs (e.g. every checkpoint step) drown the progress bar; -v brings them."""
+def start(argv: list[str]) -> None:
+    """Refuses stray arguments, quiets library INFO logs (e.g. every checkpoint step, which
+    drown the progress bar; -v brings them back) and configures JAX (`runtime.py`)."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    configure_jax()
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

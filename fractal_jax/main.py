@@ -14,7 +14,6 @@ from ml_collections import config_flags  # noqa: E402
 
 from fractal_jax import cli  # noqa: E402
 from fractal_jax import config as config_lib  # noqa: E402
-from fractal_jax.runtime import configure_jax  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an experiment config file.",
@@ -26,10 +25,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    cli.quiet_logs()
-    configure_jax()
+    cli.start(argv)
     from fractal_jax.training import loop, parallel  # after configure_jax()
 
     with cli.one_line_errors():

@@ -42,11 +42,6 @@ def records(workdir, split):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("tfds")
-
-
-@pytest.fixture(scope="module")
 def together(tmp_path_factory, data_dir):
     """All four members trained at once by one vmapped step: (workdir, results)."""
     workdir = str(tmp_path_factory.mktemp("together"))
