@@ -19,7 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from fractal_jax import cli  # noqa: E402
@@ -62,7 +62,7 @@ def main(argv):
     import jax  # after the JAX runtime is configured
 
     from fractal_jax.analysis import sweep_tables
-    from fractal_jax.training import loop, parallel, sweep
+    from fractal_jax.training import sweep
 
     with cli.one_line_errors():
         config = config_lib.validate(FLAGS.config)  # before --fresh moves anything
@@ -72,12 +72,7 @@ def main(argv):
             p_global=parse_values("p_global", FLAGS.p_global, config.drop_path.p_global, float),
             data_order=FLAGS.data_order)
         sweep.check_chunk(FLAGS.chunk)
-        if config.distributed:
-            parallel.initialize_distributed()
-        if FLAGS.fresh:
-            moved = loop.move_aside(FLAGS.workdir)
-            if moved:
-                logging.info("moved the previous sweep to %s", moved)
+        cli.prepare_workdir(config, FLAGS.workdir, FLAGS.fresh)
         sweep.train_sweep(config, FLAGS.workdir, spec, chunk=FLAGS.chunk,
                           strategy=FLAGS.strategy)
     if jax.process_index() == 0:

@@ -48,6 +48,18 @@ def start(argv: list[str]) -> None:
     configure_jax()
 
 
+def prepare_workdir(config, workdir: str, fresh: bool) -> None:
+    """Joins a multi-host run if the config asks for it and, with `fresh`, moves an existing
+    workdir aside (after the config was validated, so a bad value moves nothing)."""
+    from fractal_jax.training import loop, parallel
+    if config.distributed:
+        parallel.initialize_distributed()
+    if fresh:
+        moved = loop.move_aside(workdir)
+        if moved:
+            logging.info("moved the previous contents of %s to %s", workdir, moved)
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """The errors that name the problem and the fix: a traceback would only hide them."""
     from fractal_jax.training import checkpoint, lock, loop

@@ -9,7 +9,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from fractal_jax import cli  # noqa: E402
@@ -26,16 +26,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     cli.start(argv)
-    from fractal_jax.training import loop, parallel  # after configure_jax()
+    from fractal_jax.training import loop  # after configure_jax()
 
     with cli.one_line_errors():
         config = config_lib.validate(FLAGS.config)  # before --fresh moves anything
-        if config.distributed:
-            parallel.initialize_distributed()
-        if FLAGS.fresh:
-            moved = loop.move_aside(FLAGS.workdir)
-            if moved:
-                logging.info("moved the previous run to %s", moved)
+        cli.prepare_workdir(config, FLAGS.workdir, FLAGS.fresh)
         loop.train(config, FLAGS.workdir)
 
 
