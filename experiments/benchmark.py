@@ -4,7 +4,7 @@
     python experiments/benchmark.py --quick    # widths 16..128: a few minutes on a 2-core CPU
 
 Measures train images/s with the full, local-only, global-only and paper-mixed drop-path plans,
-with skipping dead work on and off (`training/skipping.py`), the one-program `lax.switch`
+with skipping dead work on and off (`training/programs.py`), the one-program `lax.switch`
 alternative, bfloat16 compute and rematerialisation; eval images/s; compile time; memory; a
 K-model vmapped sweep step against K sequential steps; and (with `--flags`) XLA flag sets, each
 in its own process. Every configuration repeats the same window of steps (so skip on and off
@@ -165,13 +165,13 @@ def window_seed(setup: Setup, p_global: float = 0.5) -> int:
     `p_global` of global steps, spread evenly over the columns (each column within one step of
     its share). Short windows of an arbitrary seed can be far off (seed 0: 6 of 16 global)."""
     import numpy as np
-    from fractal_jax.training import skipping
+    from fractal_jax.training import programs
     schedule = _model(setup).network_schedule
     steps = np.arange(1, setup.steps_per_window + 1)
     share = len(steps) * p_global
     for seed in range(10_000):
-        modes = skipping.host_modes(seed, steps, schedule, p_global)
-        counts = [modes.count(c) for c in range(1, schedule.max_columns + 1)]
+        kinds = programs.plan_kinds(seed, steps, schedule, p_global)
+        counts = [kinds.count(c) for c in range(1, schedule.max_columns + 1)]
         if sum(counts) == round(share) and all(
                 abs(n - share / len(counts)) < 1 for n in counts):
             return seed
@@ -183,37 +183,44 @@ def bench_train(setup: Setup, name: str, *, p_local: float, p_global: float, ski
     """Images/s of `steps_per_window` train steps with the given plan rates and strategy."""
     import jax
     import numpy as np
-    from fractal_jax.training import skipping, steps
+    from fractal_jax.training import programs
     model = _model(setup, **model_overrides)
     state = _state(model, setup, p_local, p_global)
     batch = _batch(setup)
     seed = window_seed(setup)
-    example = (state, batch, skipping.step_key(seed, 1))
+    example = (state, batch, programs.step_key(seed, 1))
+    kinds = programs.plan_kinds(seed, np.arange(setup.steps_per_window + 1),
+                                model.network_schedule, p_global)
     used = []
 
-    def build(mode):
-        key = (model, mode)
-        used.append(key)
-        return PROGRAMS.get(key, functools.partial(steps.train_step, model=model, mode=mode),
-                            *example)
+    def step(kind):
+        """The train step of a plan kind (a column, None: local) or of every plan ("sampled")."""
+        if kind == "sampled":
+            return functools.partial(programs.sampled_step, model=model)
+        if kind is None:
+            return functools.partial(programs.sampled_step, model=model, local=True)
+        return functools.partial(programs.column_step, model=model, column=kind)
 
-    if strategy == "switch":  # one program: lax.switch over the per-mode steps
-        columns = model.network_schedule.max_columns
-        branches = [functools.partial(steps.train_step, model=model, mode=m)
-                    for m in ["local", *range(1, columns + 1)]]
-        modes = skipping.host_modes(seed, np.arange(setup.steps_per_window + 1),
-                                    model.network_schedule, p_global)
+    def build(kind):
+        used.append((model, kind))
+        return PROGRAMS.get(used[-1], step(kind), *example)
+
+    if strategy == "switch":  # one program: lax.switch over the per-kind steps
+        branches = [step(k) for k in [None, *range(1, model.network_schedule.max_columns + 1)]]
         used.append((model, "switch"))
         switched = PROGRAMS.get(used[-1], lambda s, b, k, i: jax.lax.switch(i, branches, s, b, k),
                                 *example, np.int32(0))
 
-        def step_fn(s, b, step):
-            mode = modes[step]
-            return switched(s, b, skipping.step_key(seed, step),
-                            np.int32(0 if mode == "local" else mode))
+        def step_fn(s, b, n):
+            return switched(s, b, programs.step_key(seed, n), np.int32(kinds[n] or 0))
+    elif skip:
+        def step_fn(s, b, n):
+            return build(kinds[n])(s, b, programs.step_key(seed, n))
     else:
-        step_fn = skipping.make_train_fn(model, build, seed=seed, p_global=p_global,
-                                         per_sample=False, skip=skip)
+        sampled = build("sampled")
+
+        def step_fn(s, b, n):
+            return sampled(s, b, programs.step_key(seed, n))
     holder = {"state": state}
 
     def window():
@@ -248,18 +255,18 @@ def bench_sweep(setup: Setup) -> tuple[dict, dict]:
     """K models in one vmapped step (shared batch, own rates and keys) vs K sequential steps."""
     import jax
     import jax.numpy as jnp
-    from fractal_jax.training import skipping, steps
+    from fractal_jax.training import programs
     k = setup.sweep_models
     model = _model(setup)
     batch = _batch(setup)
     states = [_state(model, setup, 0.15, 0.5, seed=i) for i in range(k)]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-    keys = [jnp.stack([skipping.step_key(i, step) for i in range(k)])
+    keys = [jnp.stack([programs.step_key(i, step) for i in range(k)])
             for step in range(1, setup.steps_per_window + 1)]
     single_key, vmap_key = (model, "sample"), (model, f"vmap{k}")
-    single = PROGRAMS.get(single_key, functools.partial(steps.train_step, model=model),
-                          states[0], batch, skipping.step_key(0, 1))
-    vmapped = PROGRAMS.get(vmap_key, jax.vmap(functools.partial(steps.train_step, model=model),
+    single = PROGRAMS.get(single_key, functools.partial(programs.sampled_step, model=model),
+                          states[0], batch, programs.step_key(0, 1))
+    vmapped = PROGRAMS.get(vmap_key, jax.vmap(functools.partial(programs.sampled_step, model=model),
                                               in_axes=(0, None, 0)), stacked, batch, keys[0])
     holder = {"seq": states, "vmap": stacked}
 
@@ -267,7 +274,7 @@ def bench_sweep(setup: Setup) -> tuple[dict, dict]:
         out = []
         for i, s in enumerate(holder["seq"]):
             for step in range(1, setup.steps_per_window + 1):
-                s, _ = single(s, batch, skipping.step_key(i, step))
+                s, _ = single(s, batch, programs.step_key(i, step))
             out.append(s)
         holder["seq"] = _block(out)
 
@@ -288,12 +295,12 @@ def bench_sweep(setup: Setup) -> tuple[dict, dict]:
 def compile_seconds(setup: Setup) -> float:
     """Seconds to lower and compile the paper-mixed masked train step in this process."""
     import jax
-    from fractal_jax.training import skipping, steps
+    from fractal_jax.training import programs
     model = _model(setup)
     state, batch = _state(model, setup, 0.15, 0.5), _batch(setup)
     start = time.perf_counter()
-    jax.jit(functools.partial(steps.train_step, model=model)).lower(
-        state, batch, skipping.step_key(0, 1)).compile()
+    jax.jit(functools.partial(programs.sampled_step, model=model)).lower(
+        state, batch, programs.step_key(0, 1)).compile()
     return time.perf_counter() - start
 
 

@@ -31,7 +31,7 @@ from fractal_jax.analysis import plots, runs  # noqa: E402
 from fractal_jax.analysis.timing import eval_images_per_second  # noqa: E402
 from fractal_jax.models import registry  # noqa: E402
 from fractal_jax.models.summary import count_flops, count_params  # noqa: E402
-from fractal_jax.training import loop  # noqa: E402
+from fractal_jax.training import experiment, loop  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an experiment config file.",
@@ -107,7 +107,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str, models: list[str],
     All models are built and sized first, so a model that cannot take this data (e.g. an
     ImageNet network on 8×8 digits) fails before any training budget is spent.
     """
-    info = loop.dataset_info(config)
+    info = experiment.dataset_info(config)
     shape = (1, *info.image_shape)
     configs, sizes = {}, {}
     for name in models:
@@ -116,7 +116,7 @@ def compare(config: ml_collections.ConfigDict, workdir: str, models: list[str],
             logging.warning("%s does not take model.%s; left unset", name,
                             ", model.".join(dropped))
         config_lib.validate(configs[name])
-        model = loop.build_model(configs[name], info.num_classes)
+        model = experiment.build_model(configs[name], info.num_classes)
         sizes[name] = (count_params(model, shape), count_flops(model, shape))
     rows = []
     for name in models:

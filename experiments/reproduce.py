@@ -42,8 +42,8 @@ from experiments.configs import cifar10, cifar100, imagenet, plain, svhn, ultrad
 from fractal_jax import cli  # noqa: E402
 from fractal_jax import config as config_lib  # noqa: E402
 from fractal_jax.data.sources import DatasetNotFoundError  # noqa: E402
-from fractal_jax.models.registry import CIFAR_DROPOUT  # noqa: E402
-from fractal_jax.training import loop  # noqa: E402
+from fractal_jax.models.paper import CIFAR_DROPOUT  # noqa: E402
+from fractal_jax.training import experiment, loop  # noqa: E402
 
 BUDGETS = ("paper", "smoke")
 # The smoke budget: the same runs, a few steps, widths of 8.
@@ -131,7 +131,7 @@ def recipe(table: int, setting: str) -> tuple[dict[str, ml_collections.ConfigDic
 
 def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Returns `config` for a few steps with every block SMOKE_WIDTH wide."""
-    num_blocks = loop.build_model(config, 1).num_blocks
+    num_blocks = experiment.build_model(config, 1).num_blocks
     return _with(config, {"model.widths": (SMOKE_WIDTH,) * num_blocks, **SMOKE})
 
 
@@ -166,7 +166,7 @@ def prepare(config: ml_collections.ConfigDict, budget: str, overrides: dict[str,
         config = smoke(config)
     config = config_lib.validate(_with(config, overrides))
     try:
-        loop.dataset_info(config)
+        experiment.dataset_info(config)
         return config, None
     except DatasetNotFoundError:
         if budget != "smoke":

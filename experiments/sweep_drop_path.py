@@ -73,12 +73,11 @@ def main(argv):
             data_order=FLAGS.data_order)
         sweep.check_chunk(FLAGS.chunk)
         cli.prepare_workdir(config, FLAGS.workdir, FLAGS.fresh)
-        sweep.train_sweep(config, FLAGS.workdir, spec, chunk=FLAGS.chunk,
-                          strategy=FLAGS.strategy)
+        results = sweep.train_sweep(config, FLAGS.workdir, spec, chunk=FLAGS.chunk,
+                                    strategy=FLAGS.strategy)
     if jax.process_index() == 0:
-        paths = [os.path.join(FLAGS.workdir, name) for name in (
-            sweep_tables.MARKDOWN_FILE, sweep_tables.CSV_FILE, sweep_tables.PLOT_FILE)]
-        with open(paths[0], encoding="utf-8") as f:
+        paths = sweep_tables.write_sweep_results(FLAGS.workdir, config, spec, results)
+        with open(paths[1], encoding="utf-8") as f:
             print(f"\n{f.read()}\nresults: {', '.join(paths)}\n"
                   f"members: {os.path.join(FLAGS.workdir, sweep.MEMBERS_DIR)}/")
 

@@ -51,11 +51,11 @@ def start(argv: list[str]) -> None:
 def prepare_workdir(config, workdir: str, fresh: bool) -> None:
     """Joins a multi-host run if the config asks for it and, with `fresh`, moves an existing
     workdir aside (after the config was validated, so a bad value moves nothing)."""
-    from fractal_jax.training import loop, parallel
+    from fractal_jax.training import experiment, parallel
     if config.distributed:
         parallel.initialize_distributed()
     if fresh:
-        moved = loop.move_aside(workdir)
+        moved = experiment.move_aside(workdir)
         if moved:
             logging.info("moved the previous contents of %s to %s", workdir, moved)
 

@@ -24,6 +24,24 @@ flags.DEFINE_bool("fresh", False, "Move an existing workdir aside (WORKDIR.old-<
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def report(config, workdir: str, final: dict[str, float]) -> None:
+    """Draws the learning curves and prints the final evaluation and where everything went."""
+    import jax
+
+    from fractal_jax.analysis import plots
+    from fractal_jax.training.checkpoint import saved_steps
+    from fractal_jax.training.metrics import METRICS_FILE, read_metrics
+
+    if jax.process_index() != 0:
+        return
+    curves = plots.plot_learning_curves(read_metrics(workdir), os.path.join(workdir, "curves.png"))
+    print(f"\nFinal evaluation on {config.dataset}/{config.data.eval_split} after "
+          f"{config.num_train_steps} steps:\n{plots.column_accuracy_table(final)}")
+    print(f"\nworkdir: {workdir}\n  checkpoints: {os.path.join(workdir, 'checkpoints')} "
+          f"(steps {saved_steps(workdir)})\n  metrics: {os.path.join(workdir, METRICS_FILE)}\n"
+          f"  curves: {curves}")
+
+
 def main(argv):
     cli.start(argv)
     from fractal_jax.training import loop  # after configure_jax()
@@ -31,7 +49,8 @@ def main(argv):
     with cli.one_line_errors():
         config = config_lib.validate(FLAGS.config)  # before --fresh moves anything
         cli.prepare_workdir(config, FLAGS.workdir, FLAGS.fresh)
-        loop.train(config, FLAGS.workdir)
+        final = loop.train(config, FLAGS.workdir)
+    report(config, FLAGS.workdir, final)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import pytest
 import tensorflow as tf
 
 from fractal_jax.data import sources
-from fractal_jax.training import checkpoint, lock, loop, sweep
+from fractal_jax.training import checkpoint, experiment, lock, loop, sweep
 from test_training import ROOT, TINY, final_state, metrics_text, tiny_config
 
 # Orbax's background writers that a failed save abandons complain when they are collected.
@@ -142,6 +142,7 @@ def test_killed_at_random_moments_ends_as_the_uninterrupted_run(reference, tmp_p
     code, out = run_to_end(command, tmp_path / "again.log")
     assert code == 0 and "full network" in out, out
     assert_same_run(workdir, ref_dir)
+    assert os.path.getsize(os.path.join(workdir, "curves.png")) > 1000
 
 
 SWEEP = sweep.Sweep(seeds=(0, 1), p_local=(0.0, 0.3), p_global=(0.5,))
@@ -306,13 +307,14 @@ def test_read_only_workdir_fails_at_once_with_a_clear_error_and_keeps_its_checkp
 
 def _poison(monkeypatch, bad_step):
     """Makes the images of step `bad_step` NaN, as a corrupt input would."""
-    batches = loop.train_batches
+    batches = experiment.train_batches
 
-    def poisoned(config, start_step):
-        for step, batch in enumerate(batches(config, start_step), start=start_step + 1):
+    def poisoned(config, start_step, seed=None):
+        for step, batch in enumerate(batches(config, start_step, seed),
+                                     start=start_step + 1):
             yield {**batch, "image": batch["image"] * np.nan} if step == bad_step else batch
 
-    monkeypatch.setattr(loop, "train_batches", poisoned)
+    monkeypatch.setattr(experiment, "train_batches", poisoned)
 
 
 def test_nonfinite_loss_stops_at_its_step_and_skip_mode_skips_and_counts(
@@ -348,7 +350,7 @@ def test_a_second_run_on_a_busy_workdir_is_refused_and_changes_nothing(tmp_path,
         with pytest.raises(lock.WorkdirLockError, match=f"pid {os.getpid()} on host"):
             loop.train(tiny_config(data_dir), workdir)
         with pytest.raises(lock.WorkdirLockError):
-            loop.move_aside(workdir)  # --fresh must not pull the workdir from under a live run
+            experiment.move_aside(workdir)  # --fresh must not pull the workdir from under a live run
         assert os.listdir(workdir) == [lock.LOCK_FILE]
     assert (tmp_path / lock.LOCK_FILE).read_text() == ""  # released cleanly
 
@@ -368,10 +370,10 @@ def test_the_lock_of_a_killed_run_does_not_block_a_restart(tmp_path, caplog):
 # ----- config mistakes ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides, match", [
-    ({"nonfinite": "ignore"}, r"nonfinite='ignore' is invalid: it must be one of stop, skip"),
+    ({"nonfinite": "ignore"}, r"nonfinite='ignore' is invalid: it must be one of 'stop', 'skip'"),
     ({"data.max_shift": -1}, r"data.max_shift=-1 is invalid"),
     ({"eval_batch_size": 0}, r"eval_batch_size=0 is invalid: it must be a positive integer"),
-    ({"optim.momentum": 1.5}, r"optim.momentum must be in \[0, 1\)"),
+    ({"optim.momentum": 1.5}, r"optim.momentum=1.5 is invalid: it must be in \[0, 1\)"),
     ({"model.widths": (8, 8)}, r"widths has 2 entries but there are 3 blocks"),
 ])
 def test_config_mistakes_are_refused_before_the_workdir_is_touched(

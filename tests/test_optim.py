@@ -5,13 +5,21 @@ import numpy as np
 import optax
 import pytest
 
+from fractal_jax import config as config_lib
 from fractal_jax.training import optim as optim_lib
 
 
 def _config(**overrides):
-    config = optim_lib.default_optim_config()
+    config = config_lib.default_optim_config()
     config.update(overrides)
     return config
+
+
+def _validated(**overrides):
+    """The experiment config with `optim` overrides, through the one validation every run uses."""
+    config = config_lib.base_config()
+    config.optim.update(overrides)
+    return config_lib.validate(config)
 
 
 def _lr(schedule, step: int) -> float:
@@ -79,7 +87,7 @@ def _params():
 
 
 def _one_update(config, params, grads=None):
-    tx = optim_lib.create_optimizer(config, steps_per_epoch=10, num_train_steps=100)
+    tx, _ = optim_lib.create_optimizer(config, steps_per_epoch=10, num_train_steps=100)
     grads = jax.tree.map(jnp.zeros_like, params) if grads is None else grads
     updates, _ = tx.update(grads, tx.init(params), params)
     return optax.apply_updates(params, updates)
@@ -109,8 +117,8 @@ def test_nesterov_differs_from_plain_momentum():
     grads = {"w": jnp.ones((3,))}
 
     def two_steps(nesterov):
-        tx = optim_lib.create_optimizer(_config(nesterov=nesterov, schedule="constant"), steps_per_epoch=1,
-                                        num_train_steps=10)
+        tx, _ = optim_lib.create_optimizer(_config(nesterov=nesterov, schedule="constant"),
+                                           steps_per_epoch=1, num_train_steps=10)
         state, p = tx.init(params), params
         for _ in range(2):
             updates, state = tx.update(grads, state, p)
@@ -145,16 +153,28 @@ def test_grad_clip_bounds_the_update():
     ({"num_epochs": 0}, "num_epochs"),
 ])
 def test_bad_values_raise_naming_the_key(overrides, key):
-    with pytest.raises(ValueError, match=key):
-        optim_lib.create_optimizer(_config(**overrides), steps_per_epoch=10, num_train_steps=100)
+    with pytest.raises(ValueError, match=f"optim.{key}=.* is invalid"):
+        _validated(**overrides)
 
 
 def test_unknown_name_lists_valid_values_and_unknown_keys_raise():
-    with pytest.raises(ValueError, match="sgd.*adamw"):
-        optim_lib.create_optimizer(_config(name="adam"), steps_per_epoch=10, num_train_steps=100)
-    config = _config()
-    config.learning_rte = 0.1
-    with pytest.raises(ValueError, match="learning_rte"):
-        optim_lib.create_optimizer(config, steps_per_epoch=10, num_train_steps=100)
+    with pytest.raises(ValueError, match="'sgd', 'adamw'"):
+        _validated(name="adam")
+    config = config_lib.base_config()
+    config.optim.learning_rte = 0.1
+    with pytest.raises(ValueError, match="Did you mean 'optim.learning_rate'"):
+        config_lib.validate(config)
     with pytest.raises(ValueError, match="steps_per_epoch"):
         optim_lib.create_learning_rate_schedule(_config(), steps_per_epoch=0, num_train_steps=100)
+
+
+def test_the_optimizer_comes_with_the_schedule_it_follows():
+    tx, schedule = optim_lib.create_optimizer(_config(schedule="cosine"), steps_per_epoch=10,
+                                              num_train_steps=100)
+    params = {"w": jnp.zeros((1,))}
+    state = tx.init(params)
+    for _ in range(3):
+        updates, state = tx.update({"w": jnp.ones((1,))}, state, params)
+    # Unit gradients, momentum 0.9: the third update is the step-2 learning rate times the trace.
+    assert _lr(schedule, 2) < _lr(schedule, 0)
+    np.testing.assert_allclose(updates["w"], -_lr(schedule, 2) * (1 + 0.9 + 0.81), rtol=1e-5)

@@ -12,8 +12,9 @@ import pytest
 from fractal_jax.models import drop_path
 from fractal_jax.models.fractal import FractalNet
 from fractal_jax.models.schedule import NetworkSchedule
-from fractal_jax.training import skipping, steps
+from fractal_jax.training import parallel, programs
 from fractal_jax.training.state import create_train_state
+from test_training import tiny_config
 
 SCHEDULE = NetworkSchedule.create(3, 1)
 
@@ -51,20 +52,20 @@ def test_live_units_refuses_per_sample_plans():
 
 
 @pytest.mark.parametrize("p_global", [0.0, 0.5, 1.0])
-def test_host_modes_are_the_modes_the_device_step_draws(p_global):
+def test_host_plan_kinds_are_the_kinds_the_device_step_draws(p_global):
     schedule = NetworkSchedule.create(3, 2)
     steps_ = np.arange(1, 41)
-    modes = skipping.host_modes(7, steps_, schedule, p_global)
-    for step, mode in zip(steps_, modes):
-        plan_key = jax.random.split(skipping.step_key(7, int(step)))[0]
+    kinds = programs.plan_kinds(7, steps_, schedule, p_global)
+    for step, kind in zip(steps_, kinds):
+        plan_key = jax.random.split(programs.step_key(7, int(step)))[0]
         is_global, column = drop_path.sample_mode(plan_key, schedule, p_global)
-        assert mode == (int(column) if is_global else "local")
+        assert kind == (int(column) if is_global else None)
     if p_global == 0.0:
-        assert set(modes) == {"local"}
+        assert set(kinds) == {None}
     elif p_global == 1.0:
-        assert set(modes) == {1, 2, 3}
+        assert set(kinds) == {1, 2, 3}
     else:
-        assert set(modes) == {"local", 1, 2, 3}
+        assert set(kinds) == {None, 1, 2, 3}
 
 
 MODEL = FractalNet(num_classes=10, num_blocks=2, num_columns=3, widths=(8, 16),
@@ -81,27 +82,26 @@ def setup():
     return state, batch
 
 
-@functools.lru_cache(maxsize=None)
-def program(mode, skip_nonfinite=False):
-    return jax.jit(functools.partial(steps.train_step, model=MODEL, mode=mode,
-                                     skip_nonfinite=skip_nonfinite))
+def make_programs(data_dir, skip=True, per_sample=False, nonfinite="stop"):
+    config = tiny_config(data_dir, nonfinite=nonfinite, **{"drop_path.skip": skip,
+                                                           "drop_path.per_sample": per_sample})
+    return programs.Programs(MODEL, config, parallel.create_mesh())
 
 
-def test_skipping_trains_exactly_what_masking_trains(setup):
+def test_skipping_trains_exactly_what_masking_trains(setup, data_dir):
     state, batch = setup
-    skip = skipping.make_train_fn(MODEL, program, seed=3, p_global=0.5, per_sample=False,
-                                  skip=True)
-    full = skipping.make_train_fn(MODEL, program, seed=3, p_global=0.5, per_sample=False,
-                                  skip=False)
-    assert isinstance(skip, skipping.SkippingTrainStep)
-    a = b = state
-    modes = set()
+    skip = make_programs(data_dir).run_step(seed=3, p_global=0.5)
+    full = make_programs(data_dir, skip=False).run_step(seed=3, p_global=0.5)
+    assert isinstance(skip, programs.SkippingStep)
+    # The compiled steps donate their input state: each side trains its own copy.
+    a, b = (jax.tree.map(jnp.copy, state) for _ in range(2))
+    kinds = set()
     for step in range(1, 16):
-        modes.add(skip.mode(step))
+        kinds.add(skip.kind(step))
         a, metrics_a = skip(a, batch, step)
         b, metrics_b = full(b, batch, step)
         np.testing.assert_allclose(metrics_a["loss"], metrics_b["loss"], rtol=1e-5)
-    assert modes == {"local", 1, 2, 3}  # every program was compared
+    assert kinds == {None, 1, 2, 3}  # every program was compared
     chex.assert_trees_all_close(a.params, b.params, atol=1e-5)
     chex.assert_trees_all_close(a.batch_stats, b.batch_stats, atol=1e-5)
     chex.assert_trees_all_close(a.opt_state, b.opt_state, atol=1e-5)
@@ -109,9 +109,9 @@ def test_skipping_trains_exactly_what_masking_trains(setup):
 
 def test_dead_units_keep_their_batchnorm_statistics(setup):
     state, batch = setup
-    key = next(skipping.step_key(3, s) for s in range(1, 100)
-               if skipping.host_modes(3, np.array([s]), MODEL.network_schedule, 0.5) == [1])
-    new, _ = program("sample")(state, batch, key)
+    key = next(programs.step_key(3, s) for s in range(1, 100)
+               if programs.plan_kinds(3, np.array([s]), MODEL.network_schedule, 0.5) == [1])
+    new, _ = jax.jit(functools.partial(programs.sampled_step, model=MODEL))(state, batch, key)
     for b, block in enumerate(MODEL.network_schedule.blocks):
         for (k, p) in block.units:
             name = f"unit_c{k}_p{p}"
@@ -120,20 +120,14 @@ def test_dead_units_keep_their_batchnorm_statistics(setup):
             assert moved == (k == 1), (b, name)
 
 
-def test_per_sample_plans_keep_the_compute_everything_step():
-    fn = skipping.make_train_fn(MODEL, program, seed=0, p_global=0.5, per_sample=True, skip=True)
-    assert not isinstance(fn, skipping.SkippingTrainStep)
-
-
-def test_unknown_mode_is_refused(setup):
-    state, batch = setup
-    with pytest.raises(ValueError, match="mode must be"):
-        steps.train_step(state, batch, jax.random.key(0), model=MODEL, mode="global")
+def test_per_sample_plans_keep_the_compute_everything_step(data_dir):
+    step = make_programs(data_dir, per_sample=True).run_step(seed=0, p_global=0.5)
+    assert not isinstance(step, programs.SkippingStep)
 
 
 def test_a_nonfinite_batch_can_be_skipped(setup):
     state, batch = setup
-    fn = program("sample", skip_nonfinite=True)
+    fn = jax.jit(functools.partial(programs.sampled_step, model=MODEL, skip_nonfinite=True))
     bad = dict(batch, image=batch["image"].at[0, 0, 0, 0].set(jnp.nan))
     skipped, metrics = fn(state, bad, jax.random.key(1))
     assert float(metrics["nonfinite"]) == 1.0

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fractal_jax.analysis import runs, sweep_tables
-from fractal_jax.training import loop, metrics, sweep
+from fractal_jax.training import experiment, loop, metrics, sweep
 from fractal_jax.training.checkpoint import read_metadata
 from test_training import ROOT, TINY, final_state, metrics_text, tiny_config
 
@@ -41,11 +41,18 @@ def records(workdir, split):
     return [r for r in map(json.loads, metrics_text(workdir).splitlines()) if r["split"] == split]
 
 
+def train_and_tabulate(config, workdir, spec=SWEEP, **kwargs):
+    """`train_sweep` and its result tables, as the command line writes them."""
+    results = sweep.train_sweep(config, workdir, spec, **kwargs)
+    sweep_tables.write_sweep_results(workdir, config, spec, results)
+    return results
+
+
 @pytest.fixture(scope="module")
 def together(tmp_path_factory, data_dir):
     """All four members trained at once by one vmapped step: (workdir, results)."""
     workdir = str(tmp_path_factory.mktemp("together"))
-    return workdir, sweep.train_sweep(tiny_config(data_dir), workdir, SWEEP, strategy="vmap")
+    return workdir, train_and_tabulate(tiny_config(data_dir), workdir, strategy="vmap")
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +116,7 @@ def test_loop_strategy_members_are_their_single_runs_bit_for_bit(single, tmp_pat
 
 def test_auto_strategy_is_loop_on_cpu_and_bad_strategies_are_refused():
     assert sweep.resolve_strategy("auto") == "loop"  # the test suite runs on CPU
-    with pytest.raises(ValueError, match="strategy must be one of auto, vmap, loop"):
+    with pytest.raises(ValueError, match="strategy='pmap' is invalid: it must be one of 'auto'"):
         sweep.resolve_strategy("pmap")
 
 
@@ -163,7 +170,7 @@ def test_interrupted_sweep_resumes_to_the_same_result(chunked, tmp_path, data_di
 
 
 def test_rerun_writes_byte_identical_tables(together, tmp_path, data_dir):
-    sweep.train_sweep(tiny_config(data_dir), str(tmp_path), SWEEP)
+    train_and_tabulate(tiny_config(data_dir), str(tmp_path), strategy="vmap")
     for name in (sweep_tables.CSV_FILE, sweep_tables.MARKDOWN_FILE):
         assert read_text(os.path.join(tmp_path, name)) == \
             read_text(os.path.join(together[0], name))
@@ -176,17 +183,17 @@ def test_finished_sweep_reports_without_training(together, data_dir, monkeypatch
     def no_training(*args, **kwargs):
         raise AssertionError("a finished sweep trained again")
 
-    monkeypatch.setattr(sweep, "_train_chunk", no_training)
+    monkeypatch.setattr(loop.Trainer, "train", no_training)
     assert sweep.train_sweep(tiny_config(data_dir), workdir, SWEEP, chunk=1) == results
     assert member_texts(workdir) == before
 
 
 def test_workdir_of_another_sweep_or_a_single_run_is_refused(together, tmp_path, data_dir):
     other = sweep.Sweep(seeds=(0, 1, 2), p_local=SWEEP.p_local, p_global=SWEEP.p_global)
-    with pytest.raises(loop.WorkdirConflictError, match=r"(?s)sweep.seeds.*--fresh"):
+    with pytest.raises(experiment.WorkdirConflictError, match=r"(?s)sweep.seeds.*--fresh"):
         sweep.train_sweep(tiny_config(data_dir), together[0], other)
     (tmp_path / "checkpoints").mkdir()
-    with pytest.raises(loop.WorkdirConflictError, match="single training run"):
+    with pytest.raises(experiment.WorkdirConflictError, match="single training run"):
         sweep.train_sweep(tiny_config(data_dir), str(tmp_path), SWEEP)
 
 
@@ -204,7 +211,7 @@ def test_chunks_hold_the_unfinished_members_in_order():
     (dict(p_local=(-0.1,)), "p_local must be a probability"),
     (dict(seeds=(0, 0)), r"seeds lists \[0\] more than once"),
     (dict(seeds=(0.5,)), "Seeds must be integers"),
-    (dict(data_order="random"), "data_order must be one of own, shared"),
+    (dict(data_order="random"), "data_order='random' is invalid: it must be one of 'own', 'shared'"),
 ])
 def test_bad_sweep_values_are_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -5,7 +5,7 @@ per-block dropout as its fractal networks (the paper does not say otherwise).
 Pick the depth with ``--config.model.depth=5`` / ``10`` / ``20`` / ``40`` (default 20).
 """
 from experiments.configs import ultradeep
-from fractal_jax.models.registry import CIFAR_DROPOUT, ULTRA_WIDTHS
+from fractal_jax.models.paper import CIFAR_DROPOUT, ULTRA_WIDTHS
 
 
 def get_config():

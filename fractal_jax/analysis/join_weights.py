@@ -13,16 +13,14 @@ import sys
 from typing import Any
 
 import flax.linen as nn
-import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from fractal_jax.analysis import runs
 from fractal_jax.models.fractal import FractalNet, input_weights, join_name
 from fractal_jax.models.schedule import BlockSchedule
-from fractal_jax.training.checkpoint import CheckpointError, checkpoint_dir, read_metadata
-from fractal_jax.training.loop import build_model
+from fractal_jax.training.checkpoint import CheckpointError
 
 Params = dict[str, Any]
 JoinWeights = dict[tuple[int, int], np.ndarray]
@@ -101,37 +99,16 @@ def plot_join_weights(model: nn.Module, params: Params, path: str) -> str:
     return path
 
 
-def load_run(workdir: str) -> tuple[nn.Module, Params]:
-    """Returns (model, params) of the newest readable checkpoint in `workdir`.
-
-    The model comes from the config saved with the checkpoint; its class count from the head's
-    kernel. Raises FileNotFoundError without checkpoints, ValueError for a run without learned
-    joins (checked on the config, before any arrays are read).
-    """
-    metadata = read_metadata(workdir)
-    if metadata is None:
-        raise FileNotFoundError(f"no checkpoints in {checkpoint_dir(workdir)}")
-    config = ml_collections.ConfigDict(metadata["config"])
-    if config.model.get("join") != "learned":  # before reading arrays laid out for another model
-        raise _no_learned_joins(f"the run in {workdir} (model {config.model.name!r}, "
-                                f"join={config.model.get('join')!r})")
-    path = os.path.join(checkpoint_dir(workdir), str(metadata["step"]), "state")
-    with ocp.StandardCheckpointer() as checkpointer:
-        params = checkpointer.restore(path)["params"]  # no target: the saved tree as it is
-    num_classes = params["head"]["Dense_0"]["kernel"].shape[-1]
-    return build_model(config, num_classes), params
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="a run directory (holds checkpoints/)")
     parser.add_argument("--out", default=None, help="PNG path (default: WORKDIR/join_weights.png)")
     args = parser.parse_args(argv)
     try:
-        model, params = load_run(args.workdir)
-        path = plot_join_weights(model, params,
+        run = runs.load_run(args.workdir)
+        path = plot_join_weights(run.model, run.variables["params"],
                                  args.out or os.path.join(args.workdir, "join_weights.png"))
-    except (FileNotFoundError, ValueError, CheckpointError) as e:
+    except (ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(path)

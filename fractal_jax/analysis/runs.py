@@ -17,11 +17,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from fractal_jax.data import pipeline
-from fractal_jax.training import loop
-from fractal_jax.training.checkpoint import CheckpointError, checkpoint_dir, read_metadata
+from fractal_jax.training import experiment
+from fractal_jax.training.checkpoint import checkpoint_dir, read_metadata, read_state
 
 Variables = dict[str, Any]
 COLLECTIONS = ("params", "batch_stats")  # what evaluation needs of the saved train state
@@ -63,8 +62,8 @@ def load_run(workdir: str, step: int | None = None) -> Run:
             f"{what} in {checkpoint_dir(workdir)}; train one first with\n  python -m "
             f"fractal_jax.main --config CONFIG_FILE --workdir {workdir}")
     config = ml_collections.ConfigDict(metadata["config"])
-    info = loop.dataset_info(config)
-    model = loop.build_model(config, info.num_classes)
+    info = experiment.dataset_info(config)
+    model = experiment.build_model(config, info.num_classes)
     step = int(metadata["step"])
     variables = restore_variables(workdir, step, model, info.image_shape)
     return Run(workdir=workdir, step=step, config=config, model=model, variables=variables,
@@ -79,10 +78,7 @@ def restore_variables(workdir: str, step: int, model: nn.Module,
     are compared with the model's abstract initialisation; the first differing path is named.
     """
     path = os.path.join(checkpoint_dir(workdir), str(step), "state")
-    try:
-        state = ocp.StandardCheckpointer().restore(path)
-    except (OSError, ValueError, KeyError) as error:
-        raise CheckpointError(f"checkpoint {path} cannot be restored: {error}") from error
+    state = read_state(workdir, step)
     expected = jax.eval_shape(model.init, jax.random.key(0),
                               jnp.zeros((1, *image_shape), jnp.float32))
     variables = {c: state.get(c, {}) for c in COLLECTIONS}
@@ -119,7 +115,7 @@ def first_mismatch(expected: dict[str, tuple[int, ...]],
 
 def eval_batches(run: Run) -> Iterator[pipeline.Batch]:
     """Returns one pass over the run's eval split, batched and normalised as in training."""
-    return loop.eval_batches(run.config)
+    return experiment.eval_batches(run.config)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "column"))

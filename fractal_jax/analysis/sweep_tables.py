@@ -106,3 +106,13 @@ def write_results(workdir: str, records: list[dict], caption: str) -> list[str]:
         f.write(f"{caption}\n\n{markdown_table(rows, labels)}\n")
     plot_sweep(rows, labels, paths[2])
     return paths
+
+
+def write_sweep_results(workdir: str, config, sweep, results: list[dict]) -> list[str]:
+    """Writes the result tables of a finished `sweep` (`training.sweep.Sweep`) from its
+    members' final eval metrics `results` (in `sweep.members` order); returns their paths."""
+    return write_results(
+        workdir, [{**dataclasses.asdict(m), **r} for m, r in zip(sweep.members, results)],
+        caption=f"{config.dataset}/{config.data.eval_split} accuracy after "
+                f"{config.num_train_steps} steps, mean ± sample std over seeds "
+                f"{', '.join(map(str, sweep.seeds))} ({sweep.data_order} data order)")

@@ -17,9 +17,9 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-TIERS = ("none", "+", "++")
-NORMALIZATIONS = ("mean", "mean_std")
-MAX_SHIFT = 4
+from fractal_jax.checks import check_choice
+from fractal_jax.config import MAX_SHIFT, NORMALIZATIONS, TIERS
+
 _PADDING = {"+": "CONSTANT", "++": "REFLECT"}
 
 # ImageNet's usual RGB statistics in [0, 1]: computing them over 1.28M images every run
@@ -28,12 +28,6 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 IMAGENET_SIZE = 224
 IMAGENET_RESIZE = 256  # Eval: shorter side resized to this, then the central crop is taken.
-
-
-def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    """Raises ValueError if `value` is not one of `choices`."""
-    if value not in choices:
-        raise ValueError(f"Unknown {name} {value!r}; expected one of {choices}.")
 
 
 def channel_stats(images: np.ndarray, normalize: str) -> tuple[np.ndarray, np.ndarray]:
@@ -88,7 +82,7 @@ def apply_augment(images: tf.Tensor, flip: tf.Tensor, shift: tf.Tensor, tier: st
     `images` must already be mean-subtracted, so that tier "+"'s zero padding is the mean
     colour. `flip` and `shift` come from `sample_augment_params`; "none" returns `images`.
     """
-    check_choice("augmentation tier", tier, TIERS)
+    check_choice("augment", tier, TIERS)
     if tier == "none":
         return images
     flipped = tf.where(flip[:, None, None, None], tf.reverse(images, axis=[2]), images)

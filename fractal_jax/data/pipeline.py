@@ -29,6 +29,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from fractal_jax.checks import check_choice
+from fractal_jax.config import LOCAL_DATASETS, NORMALIZATIONS, TIERS
 from fractal_jax.data import augment as aug
 from fractal_jax.data import sources
 
@@ -63,7 +65,7 @@ def get_dataset_info(
     prepared in `data_dir`, and DataError for malformed local data.
     """
     sources.check_dataset_name(dataset)
-    if dataset in sources.LOCAL:
+    if dataset in LOCAL_DATASETS:
         train = sources.load_split(dataset, train_split, data_dir, path)
         evaluation = _eval_split(dataset, eval_split, train_split, data_dir, path)
         return DatasetInfo(
@@ -118,7 +120,7 @@ def train_batches(
     data are raised here, not at the first `next()`.
     """
     sources.check_dataset_name(dataset)
-    aug.check_choice("augmentation tier", augment, aug.TIERS)
+    check_choice("augment", augment, TIERS)
     if not 0 <= max_shift:
         raise ValueError(f"max_shift must be >= 0 pixels, got {max_shift}.")
     if start_step < 0 or (num_steps is not None and num_steps < 0):
@@ -218,7 +220,7 @@ def _normalization(
     dataset: str, split: str, data_dir: str | None, path: str | None, normalize: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """Returns the per-channel (mean, std) used to normalise `dataset`, computed on `split`."""
-    aug.check_choice("normalize", normalize, aug.NORMALIZATIONS)
+    check_choice("normalize", normalize, NORMALIZATIONS)
     if dataset in sources.STREAMING_TFDS:
         std = aug.IMAGENET_STD if normalize == "mean_std" else np.ones(3, np.float32)
         return aug.IMAGENET_MEAN, std

@@ -17,12 +17,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from fractal_jax.config import DATASETS, IN_MEMORY_TFDS, STREAMING_TFDS
 from fractal_jax.data import digits
 
-IN_MEMORY_TFDS = ("digits", "cifar10", "cifar100", "svhn_cropped")
-STREAMING_TFDS = ("imagenet2012",)
-LOCAL = ("image_folder", "npz")
-DATASETS = IN_MEMORY_TFDS + STREAMING_TFDS + LOCAL
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
 

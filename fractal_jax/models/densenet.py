@@ -11,7 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fractal_jax.models.layers import ImageNetStem, batch_norm, check_input, conv, global_avg_pool
+from fractal_jax.models.layers import (ImageNetStem, batch_norm, check_input, conv,
+                                      global_avg_pool, min_input_size)
 
 
 class PreActConv(nn.Module):
@@ -75,9 +76,7 @@ class DenseNet(nn.Module):
 
     @property
     def min_input_size(self) -> int:
-        """Total stride of the network, the smallest input side it accepts."""
-        stem_stride = 1 if self.cifar_stem else ImageNetStem.stride
-        return stem_stride * 2 ** (len(self.block_sizes) - 1)
+        return min_input_size(self.cifar_stem, len(self.block_sizes))
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False,

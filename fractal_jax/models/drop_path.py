@@ -92,7 +92,7 @@ def sample_mode(key: jax.Array, schedule: NetworkSchedule,
     """Returns (is_global, column): the mode `sample` draws for `key` (column 1-based).
 
     Split out so that a caller can pick the mode on the host and run a program that computes
-    only the chosen column (training/skipping.py) while drawing exactly the plans of `sample`.
+    only the chosen column (training/programs.py) while drawing exactly the plans of `sample`.
     """
     k_mode, k_column, _ = jax.random.split(key, 3)
     is_global = jax.random.uniform(k_mode) < p_global
@@ -109,6 +109,11 @@ def _sample_one(key: jax.Array, schedule: NetworkSchedule, p_local: Rate, p_glob
     is_global, column = sample_mode(key, schedule, p_global)
     return jax.tree.map(lambda g, l: jnp.where(is_global, g, l),
                         _global_masks(schedule, column), sample_local(key, schedule, p_local))
+
+
+def is_per_sample(plan: Plan) -> bool:
+    """Whether `plan` holds one plan per example (masks of shape (batch, n)), not one per batch."""
+    return any(jnp.ndim(mask) == 2 for block in plan for mask in block)
 
 
 def live_units(plan: Plan, schedule: NetworkSchedule) -> tuple[dict[tuple[int, int], jax.Array], ...]:

@@ -15,7 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fractal_jax.checks import check_choice
 from fractal_jax.models import drop_path
+from fractal_jax.models.layers import ImageNetStem
 from fractal_jax.models.schedule import BlockSchedule, NetworkSchedule
 
 # Caffe's "Xavier" filler is uniform with fan-in scaling (spec §1); the others are ablations.
@@ -31,11 +33,6 @@ JOIN_ORDERS = ("pool_then_join", "join_then_pool")
 HEADS = ("dense", "gap")
 STEMS = ("none", "imagenet")
 JOINS = ("mean", "learned")
-
-
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}.")
 
 
 def input_weights(mask: jax.Array | None, logits: jax.Array) -> jax.Array:
@@ -168,22 +165,6 @@ class FractalBlock(nn.Module):
         return out
 
 
-class ImageNetStem(nn.Module):
-    """ResNet's stem: 7×7/2 conv 64 → BN → ReLU → 3×3/2 max-pool (spec §2, FractalNet-34)."""
-
-    bn_momentum: float = 0.9
-    kernel_init: Callable = default_kernel_init
-    dtype: str = "float32"
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = nn.Conv(64, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False,
-                    kernel_init=self.kernel_init, dtype=self.dtype)(x)
-        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                                 dtype=self.dtype)(x))
-        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-
-
 class Head(nn.Module):
     """Dense softmax classifier on the flattened final map (paper), or after global average pool."""
 
@@ -235,12 +216,12 @@ class ConvNet(nn.Module):
                              f"{self.num_blocks} blocks; give one rate per block (or None).")
         if any(not 0.0 <= d < 1.0 for d in self.dropout_rates):
             raise ValueError(f"dropout rates must be in [0, 1), got {self.dropout_rates}.")
-        _check_choice("dropout_position", self.dropout_position, DROPOUT_POSITIONS)
-        _check_choice("dropout_type", self.dropout_type, DROPOUT_TYPES)
-        _check_choice("head", self.head, HEADS)
-        _check_choice("stem", self.stem, STEMS)
-        _check_choice("weight_init", self.weight_init, tuple(INITS))
-        _check_choice("dtype", self.dtype, DTYPES)
+        check_choice("dropout_position", self.dropout_position, DROPOUT_POSITIONS)
+        check_choice("dropout_type", self.dropout_type, DROPOUT_TYPES)
+        check_choice("head", self.head, HEADS)
+        check_choice("stem", self.stem, STEMS)
+        check_choice("weight_init", self.weight_init, tuple(INITS))
+        check_choice("dtype", self.dtype, DTYPES)
         super().__post_init__()
 
     @property
@@ -278,7 +259,8 @@ class ConvNet(nn.Module):
     def apply_stem(self, x: jax.Array, train: bool) -> jax.Array:
         self.check_input(x)
         if self.stem == "imagenet":
-            x = ImageNetStem(self.bn_momentum, INITS[self.weight_init], self.dtype, name="stem")(x, train)
+            x = ImageNetStem(64, self.bn_momentum, INITS[self.weight_init], self.dtype,
+                             name="stem")(x, train=train)
         return x
 
     def block_class(self, cls: type[nn.Module], static_argnums: tuple[int, ...]) -> type[nn.Module]:
@@ -308,8 +290,8 @@ class FractalNet(ConvNet):
     join: str = "mean"
 
     def __post_init__(self):
-        _check_choice("join_order", self.join_order, JOIN_ORDERS)
-        _check_choice("join", self.join, JOINS)
+        check_choice("join_order", self.join_order, JOIN_ORDERS)
+        check_choice("join", self.join, JOINS)
         super().__post_init__()
         self.network_schedule  # validates num_columns against num_blocks
 
@@ -344,7 +326,7 @@ def keep_live_batch_stats(model: FractalNet, new: dict, old: dict, plan) -> dict
     """`new` BatchNorm statistics, except that units the per-batch `plan` leaves dead keep `old`.
 
     A dead unit's output never reaches the loss, so the statistics after a step that computes
-    and masks it equal those of a step that skips it (training/skipping.py) only if its
+    and masks it equal those of a step that skips it (training/programs.py) only if its
     statistics do not move either: the plan decides what was trained, not what happened to run.
     """
     stats = dict(new)

@@ -9,10 +9,7 @@ import flax.linen as nn
 from fractal_jax.models import densenet, inception, resnet, resnext
 from fractal_jax.models.columns import PlainNet
 from fractal_jax.models.fractal import FractalNet
-
-CIFAR_WIDTHS = (64, 128, 256, 512, 512)
-ULTRA_WIDTHS = (16, 32, 64, 128, 128)
-CIFAR_DROPOUT = (0.0, 0.1, 0.2, 0.3, 0.4)
+from fractal_jax.models.paper import CIFAR_DROPOUT, CIFAR_WIDTHS, ULTRA_WIDTHS
 
 
 def fractalnet(num_classes: int = 10, *, num_blocks: int = 5,

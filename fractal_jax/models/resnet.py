@@ -10,7 +10,8 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax
 
-from fractal_jax.models.layers import ConvBN, ImageNetStem, check_input, global_avg_pool
+from fractal_jax.models.layers import (ConvBN, ImageNetStem, check_input, global_avg_pool,
+                                      min_input_size)
 
 
 def survival_probabilities(num_blocks: int, rate: float) -> tuple[float, ...]:
@@ -109,9 +110,7 @@ class ResNet(nn.Module):
 
     @property
     def min_input_size(self) -> int:
-        """Total stride of the network, the smallest input side it accepts."""
-        stem_stride = 1 if self.cifar_stem else ImageNetStem.stride
-        return stem_stride * 2 ** (len(self.stage_sizes) - 1)
+        return min_input_size(self.cifar_stem, len(self.stage_sizes))
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False,

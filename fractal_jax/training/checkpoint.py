@@ -1,8 +1,8 @@
 """Orbax checkpoints that hold everything needed to continue a run bit for bit.
 
 Each save is one step directory `WORKDIR/checkpoints/<step>/` with two items: `state` (the train
-state pytree: params, batch stats, optimizer state, step, PRNG key) and `metadata` (JSON: config,
-data position, seed, versions). Orbax writes a step into a temporary directory and renames it to
+state pytree: params, batch stats, optimizer state, step, drop-path rates) and `metadata` (JSON:
+config, data position, versions). This module is the only reader and writer of that layout. Orbax writes a step into a temporary directory and renames it to
 `<step>` only once every file is on disk, and it deletes the checkpoints its retention policy
 drops only after that rename; so a crash or a failed write mid-save never costs the previous good
 checkpoint. A step that cannot be restored is moved to `WORKDIR/damaged_checkpoints/`, never
@@ -239,6 +239,26 @@ class Checkpointer:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def read_state(workdir: str, step: int) -> PyTree:
+    """Returns the train state saved at `step` as it was saved (no target: NumPy arrays), for
+    analysis of a finished run. Raises CheckpointError if its files cannot be read."""
+    path = os.path.join(checkpoint_dir(workdir), str(step), "state")
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(path)
+    except _RESTORE_ERRORS as error:
+        raise CheckpointError(f"checkpoint {path} cannot be restored: {error}") from error
+
+
+def saved_steps(workdir: str) -> list[int]:
+    """Returns the steps of the complete checkpoints in `workdir`, oldest first."""
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        return []
+    # A step's directory gets its plain name only once Orbax has written all of it.
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
 
 
 def read_metadata(workdir: str, step: int | None = None) -> dict | None:

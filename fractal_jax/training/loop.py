@@ -1,34 +1,30 @@
-"""`train(config, workdir)`: resume, train, evaluate every column, log, checkpoint.
+"""The training loop. `train(config, workdir)` trains (or resumes) one run; `Trainer.train` trains
+any number of runs of one experiment together, which is what a sweep does: a single run is a
+sweep of one, and every per-step behaviour below serves both.
 
-Determinism: the step key is ``fold_in(run_key, step)`` and the batch at step s is a pure
+Determinism: the step key is ``fold_in(key(seed), step)`` and the batch at step s is a pure
 function of (seed, s), so a run resumed from a checkpoint at step s continues exactly as an
 uninterrupted one; metric records written after that checkpoint are dropped and written again.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
-import shutil
 import sys
 import time
-from typing import Any, Iterator
+from typing import Sequence
 
 import jax
 import ml_collections
 import numpy as np
 import tqdm
 
-import fractal_jax
 from fractal_jax import config as config_lib
-from fractal_jax.analysis import plots
-from fractal_jax.data import pipeline
-from fractal_jax.data.sources import DataError
-from fractal_jax.models.fractal import FractalNet
-from fractal_jax.models.registry import create_model
-from fractal_jax.training import optim, parallel, skipping, steps
-from fractal_jax.training.checkpoint import Checkpointer, read_metadata
+from fractal_jax.training import evaluate, experiment, optim, parallel, programs
+from fractal_jax.training.checkpoint import Checkpointer, CheckpointError
 from fractal_jax.training.lock import workdir_lock
 from fractal_jax.training.metrics import MetricsWriter, read_metrics, truncate_metrics
 from fractal_jax.training.state import TrainState, create_train_state
@@ -38,243 +34,237 @@ class NonFiniteLossError(RuntimeError):
     """A NaN or Inf loss or gradient stopped training; the last good checkpoint is untouched."""
 
 
-class WorkdirConflictError(ValueError):
-    """The workdir holds a checkpoint of a different experiment."""
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One run the loop trains: its directory, its config (seed and drop-path rates) and the
+    seed whose batch order it reads."""
 
-
-def build_model(config: ml_collections.ConfigDict, num_classes: int):
-    kwargs = {k: tuple(v) if isinstance(v, list) else v
-              for k, v in config.model.to_dict().items() if k != "name" and v is not None}
-    return create_model(config.model.name, num_classes, **kwargs)
-
-
-def _data_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    return dict(data_dir=config.data_dir, path=config.data.path, normalize=config.data.normalize)
-
-
-def dataset_info(config: ml_collections.ConfigDict) -> pipeline.DatasetInfo:
-    """Returns the DatasetInfo of the config's dataset and splits, which sizes model and schedule.
-
-    Raises DataError if the training split holds fewer examples than one batch.
-    """
-    info = pipeline.get_dataset_info(config.dataset, train_split=config.data.train_split,
-                                     eval_split=config.data.eval_split,
-                                     data_dir=config.data_dir, path=config.data.path)
-    if info.num_train_examples < config.batch_size:
-        raise DataError(f"The {config.data.train_split!r} split of {config.dataset} has "
-                        f"{info.num_train_examples} examples, fewer than one batch "
-                        f"(batch_size={config.batch_size}); lower batch_size or add data.")
-    return info
-
-
-def train_batches(config: ml_collections.ConfigDict, start_step: int) -> Iterator[pipeline.Batch]:
-    """Returns the config's training batches of steps start_step + 1 ... num_train_steps."""
-    return pipeline.train_batches(
-        config.dataset, global_batch_size=config.batch_size, seed=config.seed,
-        start_step=start_step, num_steps=config.num_train_steps - start_step,
-        augment=config.data.augment, max_shift=config.data.max_shift, flip=config.data.flip,
-        split=config.data.train_split, **_data_kwargs(config))
-
-
-def eval_batches(config: ml_collections.ConfigDict) -> Iterator[pipeline.Batch]:
-    """Returns one ordered, masked pass over the config's eval split, exactly as `train` evaluates."""
-    return pipeline.eval_batches(config.dataset, batch_size=config.eval_batch_size,
-                                 split=config.data.eval_split,
-                                 train_split=config.data.train_split, **_data_kwargs(config))
-
-
-def eval_columns(model) -> list[int | None]:
-    """None (the full network) and, for a FractalNet, every column alone."""
-    if isinstance(model, FractalNet):
-        return [None] + list(range(1, model.network_schedule.max_columns + 1))
-    return [None]
-
-
-def evaluate(state: TrainState, eval_fns: dict, batches: Iterator, mesh) -> dict[str, float]:
-    """Accuracy and mean loss of the full network and of every column over one eval pass."""
-    totals: dict[Any, dict[str, float]] = {c: {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-                                           for c in eval_fns}
-    for batch in batches:
-        batch = parallel.to_global(batch, mesh)
-        for column, fn in eval_fns.items():
-            for k, v in jax.device_get(fn(state, batch)).items():
-                totals[column][k] += float(v)
-    out = {}
-    for column, t in totals.items():
-        suffix = "" if column is None else f"/column_{column}"
-        out[f"accuracy{suffix}"] = t["correct"] / max(t["count"], 1)
-        out[f"loss{suffix}"] = t["loss_sum"] / max(t["count"], 1)
-    return out
-
-
-def _refuse_other_experiment(workdir: str, config: ml_collections.ConfigDict) -> None:
-    metadata = read_metadata(workdir)
-    if not metadata:
-        return
-    diffs = config_lib.experiment_differences(metadata.get("config", {}),
-                                              config_lib.to_json_dict(config))
-    if diffs:
-        raise WorkdirConflictError(
-            f"Workdir {workdir!r} holds a checkpoint of a different experiment; it differs in:\n  "
-            + "\n  ".join(diffs) + "\nUse another --workdir, or pass --fresh to move the old "
-            "run aside and start again.")
-
-
-def move_aside(workdir: str) -> str | None:
-    """Renames an existing workdir to WORKDIR.old-<time> (nothing is deleted); returns the path.
-
-    Raises WorkdirLockError, moving nothing, while a live run holds the workdir.
-    """
-    if not os.path.exists(workdir):
-        return None
-    target = f"{workdir.rstrip('/')}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-    with workdir_lock(workdir):
-        shutil.move(workdir, target)
-    return target
-
-
-def checkpoint_metadata(config: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
-    return {"config": config_lib.to_json_dict(config), "step": step,
-            "data_position": {"seed": config.seed, "next_step": step},
-            "versions": {"fractal_jax": fractal_jax.__version__, "jax": jax.__version__}}
+    workdir: str
+    config: ml_collections.ConfigDict
+    data_seed: int
+    name: str = "run"
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains (or resumes) the experiment in `workdir`; returns the final eval metrics.
+    """Trains (or resumes) the experiment in `workdir`; returns its final eval metrics.
 
     Config, data and model are checked before the workdir is touched. The run holds the
     workdir's lock throughout (`lock.py`), so a second run on the same workdir is refused.
     """
     config = config_lib.validate(config)
-    parallel.check_batch_size(config.batch_size)
-    parallel.check_batch_size(config.eval_batch_size, "eval_batch_size")
-    info = dataset_info(config)
-    model = build_model(config, info.num_classes)
+    experiment.check_batch_sizes(config)
+    info = experiment.dataset_info(config)
+    model = experiment.build_model(config, info.num_classes)
     os.makedirs(workdir, exist_ok=True)
-    # Only process 0 locks: the hosts of a multi-host run share one workdir.
-    with workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
-        _refuse_other_experiment(workdir, config)
-        return _train(config, workdir, info, model)
+    with hold_workdir(workdir):
+        experiment.refuse_other_experiment(workdir, config)
+        return Trainer(config, model, info).train([RunSpec(workdir, config, config.seed)])[0]
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, info: pipeline.DatasetInfo,
-           model) -> dict[str, float]:
-    steps_per_epoch = max(1, info.num_train_examples // config.batch_size)
-    tx = optim.create_optimizer(config.optim, steps_per_epoch=steps_per_epoch,
-                                num_train_steps=config.num_train_steps)
-    lr_schedule = optim.create_learning_rate_schedule(
-        config.optim, steps_per_epoch=steps_per_epoch, num_train_steps=config.num_train_steps)
-    mesh = parallel.create_mesh()
-    init_key = skipping.step_key(config.seed, 0)  # steps fold in 1, 2, ...
-    state = jax.jit(
-        functools.partial(create_train_state, model, tx, input_shape=(1, *info.image_shape),
-                          p_local=config.drop_path.p_local, p_global=config.drop_path.p_global),
-        out_shardings=parallel.replicated(mesh))(init_key)
+def hold_workdir(workdir: str) -> contextlib.AbstractContextManager:
+    """The workdir's lock, held by process 0 only: the hosts of a multi-host run share it."""
+    return workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
 
-    checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
-    restored = checkpointer.restore_latest_good(state)
-    skipped = 0  # batches skipped for a non-finite loss or gradient (nonfinite="skip")
-    if restored is not None:
-        state, metadata, _ = restored
-        skipped = metadata.get("nonfinite_skipped", 0)
-    start_step = int(state.step)
-    truncate_metrics(workdir, start_step)
-    writer = MetricsWriter(workdir, purge_step=start_step + 1)
-    logging.info("model %s (%s classes), %s, start at step %d of %d", config.model.name,
-                 info.num_classes, config.dataset, start_step, config.num_train_steps)
 
-    train_fn = skipping.make_train_fn(
-        model, lambda mode: parallel.jit_train_step(functools.partial(
-            steps.train_step, model=model, per_sample=config.drop_path.per_sample,
-            mode=mode, skip_nonfinite=config.nonfinite == "skip"), mesh),
-        seed=config.seed, p_global=config.drop_path.p_global,
-        per_sample=config.drop_path.per_sample, skip=config.drop_path.skip)
-    eval_fns = {c: parallel.jit_eval_step(functools.partial(steps.eval_step, column=c), mesh)
-                for c in eval_columns(model)}
+def final_eval(workdir: str, split: str) -> dict[str, float] | None:
+    """The last `split` record of a run's metrics without its step and split, None if none."""
+    records = [r for r in read_metrics(workdir) if r["split"] == split]
+    return {k: v for k, v in records[-1].items() if k not in ("step", "split")} if records \
+        else None
 
-    batches = train_batches(config, start_step)
-    bar = tqdm.tqdm(total=config.num_train_steps, initial=start_step, unit="step",
-                    disable=not config.progress_bar or jax.process_index() != 0,
-                    dynamic_ncols=True, file=sys.stdout)
-    window: list[dict[str, np.ndarray]] = []
-    eval_metrics: dict[str, float] = {}
-    pending = None  # (step, device metrics): fetched after the next step is dispatched
-    last_time, last_step = time.perf_counter(), start_step
 
-    def finish(step: int, device_metrics) -> None:
-        nonlocal last_time, last_step, skipped
+class Trainer:
+    """What every run of an experiment trains and evaluates with (model, optimizer, mesh,
+    compiled programs, evaluation), built once and shared by the runs of a sweep."""
+
+    def __init__(self, config: ml_collections.ConfigDict, model, info):
+        self.config, self.model = config, model
+        steps_per_epoch = max(1, info.num_train_examples // config.batch_size)
+        self.tx, self.lr_schedule = optim.create_optimizer(
+            config.optim, steps_per_epoch=steps_per_epoch, num_train_steps=config.num_train_steps)
+        self.mesh = parallel.create_mesh()
+        self.programs = programs.Programs(model, config, self.mesh)
+        self.evaluator = evaluate.Evaluator(model, self.mesh)
+        self._init = jax.jit(
+            functools.partial(create_train_state, model, self.tx,
+                              input_shape=(1, *info.image_shape)),
+            out_shardings=parallel.replicated(self.mesh))
+
+    def init_state(self, config: ml_collections.ConfigDict) -> TrainState:
+        """The initial state of the run with `config`'s seed and rates (steps fold in 1, 2, ...)."""
+        return self._init(programs.step_key(config.seed, 0), p_local=config.drop_path.p_local,
+                          p_global=config.drop_path.p_global)
+
+    def train(self, runs: Sequence[RunSpec], strategy: str = "loop") -> list[dict[str, float]]:
+        """Trains `runs` together from their common checkpointed step to num_train_steps
+        (`programs.make_runner`'s `strategy`); returns each run's final eval metrics.
+
+        A finished run reports its last evaluation without training.
+        """
+        checkpointers = [Checkpointer(r.workdir, keep=self.config.keep_checkpoints)
+                         for r in runs]
+        try:
+            states, start, skipped = self._restore(runs, checkpointers)
+            if start < self.config.num_train_steps:
+                return self._train(runs, checkpointers, states, start, skipped, strategy)
+            split = self.config.data.eval_split
+            return [final_eval(r.workdir, split)
+                    or self.evaluator(s, experiment.eval_batches(self.config))
+                    for r, s in zip(runs, states)]
+        finally:
+            for checkpointer in checkpointers:
+                checkpointer.close()
+
+    def _restore(self, runs: Sequence[RunSpec], checkpointers: list[Checkpointer]
+                 ) -> tuple[list[TrainState], int, np.ndarray]:
+        """The runs' states, each from its newest good checkpoint; their common step; and each
+        run's count of batches skipped for non-finite values so far."""
+        targets = [self.init_state(r.config) for r in runs]
+        restored = [c.restore_latest_good(t) for c, t in zip(checkpointers, targets)]
+        common = min(0 if r is None else r[2] for r in restored)
+        if common == 0:
+            return targets, 0, np.zeros(len(runs), int)
+        # A kill between the runs' saves leaves some a checkpoint ahead: they step back to the
+        # common step (checkpoints already written are kept, not written again).
+        for i, (c, r) in enumerate(zip(checkpointers, restored)):
+            if r[2] > common:
+                if common not in c.all_steps():
+                    raise CheckpointError(
+                        f"{runs[i].name} has no checkpoint at step {common}, where the other "
+                        "runs trained with it resume; run again with --chunk=1 to resume every "
+                        "member from its own step.")
+                restored[i] = (*c.restore(targets[i], common), common)
+        skipped = np.asarray([r[1].get("nonfinite_skipped", 0) for r in restored])
+        return [r[0] for r in restored], common, skipped
+
+    def _train(self, runs: Sequence[RunSpec], checkpointers: list[Checkpointer],
+               states: list[TrainState], start: int, skipped: np.ndarray,
+               strategy: str) -> list[dict[str, float]]:
+        config, mesh = self.config, self.mesh
+        for r in runs:
+            truncate_metrics(r.workdir, start)
+        writers = [MetricsWriter(r.workdir, purge_step=start + 1) for r in runs]
+        data_seeds = list(dict.fromkeys(r.data_seed for r in runs))
+        data_index = np.asarray([data_seeds.index(r.data_seed) for r in runs])
+        batches = [experiment.train_batches(config, start, seed=s) for s in data_seeds]
+        runner = programs.make_runner(self.programs, [r.config for r in runs], data_index,
+                                      strategy)
+        state = runner.combine(states)
+        bar = tqdm.tqdm(total=config.num_train_steps, initial=start, unit="step",
+                        desc=None if len(runs) == 1 else f"{len(runs)} runs",
+                        disable=not config.progress_bar or jax.process_index() != 0,
+                        dynamic_ncols=True, file=sys.stdout)
+        records = _TrainRecords(runs, writers, skipped, self.lr_schedule, bar, checkpointers,
+                                start)
+        evals: list[dict[str, float] | None] = [None] * len(runs)
+        pending = None  # (step, device metrics): fetched after the next step is dispatched
+        try:
+            for step in range(start + 1, config.num_train_steps + 1):
+                batch = tuple(parallel.to_global(next(b), mesh) for b in batches)
+                state, device_metrics = runner.step(state, batch, step)
+                # At most two steps in flight: unbounded async dispatch can deadlock XLA:CPU's
+                # cross-device all-reduce when several CPU devices share two cores.
+                if pending is not None:
+                    records.add(*pending)
+                pending = (step, device_metrics)
+                bar.update(1)
+                last = step == config.num_train_steps
+                evaluate_now = step % config.eval_every_steps == 0 or last
+                save_now = step % config.checkpoint_every_steps == 0 or last
+                if not (evaluate_now or save_now):
+                    continue
+                records.add(*pending)
+                pending = None
+                split_states = runner.split(state)
+                evals = [None] * len(runs)
+                if evaluate_now:
+                    evals = [self.evaluator(s, experiment.eval_batches(config))
+                             for s in split_states]
+                    for writer, metrics in zip(writers, evals):
+                        writer.write(step, config.data.eval_split, metrics)
+                    bar.write(f"step {step}: {_eval_summary(evals)}")
+                if save_now:
+                    for i, (checkpointer, run) in enumerate(zip(checkpointers, runs)):
+                        if step in checkpointer.all_steps():  # written before an interruption
+                            continue
+                        checkpointer.save(step, split_states[i], metrics=evals[i],
+                                          metadata=experiment.checkpoint_metadata(
+                                              run.config, step, data_seed=run.data_seed,
+                                              nonfinite_skipped=int(skipped[i])))
+            if pending is not None:
+                records.add(*pending)
+        finally:
+            bar.close()
+            for writer in writers:
+                writer.close()
+        return evals
+
+
+def _eval_summary(evals: list[dict[str, float]]) -> str:
+    """The accuracies of one run, or the spread of the full networks' over several."""
+    if len(evals) == 1:
+        return ", ".join(f"{k}={v:.4f}" for k, v in evals[0].items() if k.startswith("accuracy"))
+    accuracy = [e["accuracy"] for e in evals]
+    return (f"full-network accuracy of {len(evals)} runs: mean {np.mean(accuracy):.4f}, "
+            f"min {min(accuracy):.4f}, max {max(accuracy):.4f}")
+
+
+class _TrainRecords:
+    """Each run's train records: the mean of its trained steps' metrics over every log window,
+    the learning rate, and the batches skipped as non-finite; a run whose loss or gradient
+    turns non-finite (with nonfinite="stop") stops training."""
+
+    def __init__(self, runs: Sequence[RunSpec], writers: list[MetricsWriter],
+                 skipped: np.ndarray, lr_schedule, bar: tqdm.tqdm,
+                 checkpointers: list[Checkpointer], start: int):
+        self._runs, self._writers, self._skipped = runs, writers, skipped
+        self._lr_schedule, self._bar, self._checkpointers = lr_schedule, bar, checkpointers
+        self._config = runs[0].config
+        # Each step's metrics (stacked over runs) and which runs it trained (did not skip).
+        self._window: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
+        self._last_time, self._last_step = time.perf_counter(), start
+
+    def add(self, step: int, device_metrics) -> None:
+        """Takes one step's metrics: stacked over the runs, or a list with one dict per run."""
         metrics = jax.device_get(device_metrics)
-        # Set (only) with nonfinite="skip": the step left the state as it was.
-        if metrics.pop("nonfinite", 0.0):
-            skipped += 1
-            logging.warning("non-finite loss %s or gradient norm %s at step %d: batch skipped "
-                            "(%d so far)", metrics["loss"], metrics["grad_norm"], step, skipped)
-        elif not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+        if isinstance(metrics, list):
+            metrics = {k: np.stack([m[k] for m in metrics]) for k in metrics[0]}
+        flagged = metrics.pop("nonfinite", np.zeros(len(self._runs))) > 0
+        self._skipped[flagged] += 1
+        for i in np.flatnonzero(flagged):
+            logging.warning("non-finite loss %s or gradient norm %s at step %d of %s: batch "
+                            "skipped (%d so far)", metrics["loss"][i], metrics["grad_norm"][i],
+                            step, self._runs[i].name, self._skipped[i])
+        finite = np.isfinite(metrics["loss"]) & np.isfinite(metrics["grad_norm"])
+        diverged = np.flatnonzero(~flagged & ~finite)
+        if diverged.size:
             # A finite loss with non-finite gradients would make the next state, and the
             # checkpoint that may follow, non-finite: stop at either.
             raise NonFiniteLossError(
-                f"Loss became {float(metrics['loss'])} (gradient norm "
-                f"{float(metrics['grad_norm'])}) at step {step}; stopping. The last good "
-                f"checkpoint (step {checkpointer.latest_step()}) is intact. Lower "
-                "optim.learning_rate or set optim.grad_clip_norm, or skip such batches with "
-                "--config.nonfinite=skip.")
-        else:
-            window.append(metrics)
-        if step % config.log_every_steps == 0:
-            record = {k: float(np.mean([m[k] for m in window])) for k in (window or [{}])[0]}
-            record["learning_rate"] = float(lr_schedule(step - 1))
-            if config.nonfinite == "skip":
-                record["nonfinite_skipped"] = skipped
+                f"Loss became non-finite at step {step}; stopping. "
+                + "; ".join(f"{self._runs[i].name}: loss {float(metrics['loss'][i])}, gradient "
+                            f"norm {float(metrics['grad_norm'][i])}, last good checkpoint (step "
+                            f"{self._checkpointers[i].latest_step()}) intact" for i in diverged)
+                + ". Lower optim.learning_rate or set optim.grad_clip_norm, or skip such batches "
+                "with --config.nonfinite=skip.")
+        self._window.append((metrics, ~flagged))
+        if step % self._config.log_every_steps == 0:
+            self._write(step)
+
+    def _write(self, step: int) -> None:
+        learning_rate = float(self._lr_schedule(step - 1))
+        for i, writer in enumerate(self._writers):
+            kept = [m for m, trained in self._window if trained[i]]
+            record = {k: float(np.mean([m[k][i] for m in kept])) for k in (kept or [{}])[0]}
+            record["learning_rate"] = learning_rate
+            if self._config.nonfinite == "skip":
+                record["nonfinite_skipped"] = int(self._skipped[i])
             writer.write(step, "train", record)
-            window.clear()
-            now = time.perf_counter()
-            rate = (step - last_step) * config.batch_size / max(now - last_time, 1e-9)
-            last_time, last_step = now, step
-            bar.set_postfix(loss=f"{record.get('loss', np.nan):.3f}",
-                            acc=f"{record.get('accuracy', np.nan):.3f}", img_s=f"{rate:,.0f}")
-
-    try:
-        for step in range(start_step + 1, config.num_train_steps + 1):
-            batch = parallel.to_global(next(batches), mesh)
-            state, device_metrics = train_fn(state, batch, step)
-            # At most two steps in flight: unbounded async dispatch can deadlock XLA:CPU's
-            # cross-device all-reduce when several CPU devices share two cores.
-            if pending is not None:
-                finish(*pending)
-            pending = (step, device_metrics)
-            bar.update(1)
-            last = step == config.num_train_steps
-            if step % config.eval_every_steps == 0 or step % config.checkpoint_every_steps == 0 \
-                    or last:
-                finish(*pending)
-                pending = None
-            if step % config.eval_every_steps == 0 or last:
-                eval_metrics = evaluate(state, eval_fns, eval_batches(config), mesh)
-                writer.write(step, config.data.eval_split, eval_metrics)
-                bar.write(f"step {step}: " + ", ".join(
-                    f"{k}={v:.4f}" for k, v in eval_metrics.items() if k.startswith("accuracy")))
-            if step % config.checkpoint_every_steps == 0 or last:
-                checkpointer.save(step, state, metadata=checkpoint_metadata(config, step)
-                                  | {"nonfinite_skipped": skipped},
-                                  metrics=eval_metrics if step % config.eval_every_steps == 0
-                                  or last else None)
-        if pending is not None:
-            finish(*pending)
-    finally:
-        bar.close()
-        writer.close()
-        checkpointer.wait()
-        checkpointer.close()
-
-    if not eval_metrics:  # resumed a finished run: report its last evaluation
-        eval_metrics = evaluate(state, eval_fns, eval_batches(config), mesh)
-    if jax.process_index() == 0:
-        plot_path = plots.plot_learning_curves(read_metrics(workdir),
-                                               os.path.join(workdir, "curves.png"))
-        print(f"\nFinal evaluation on {config.dataset}/{config.data.eval_split} "
-              f"at step {int(state.step)}:\n" + plots.column_accuracy_table(eval_metrics))
-        print(f"\nworkdir: {workdir}\n  checkpoints: {os.path.join(workdir, 'checkpoints')} "
-              f"(steps {checkpointer.all_steps()})\n  metrics: "
-              f"{os.path.join(workdir, 'metrics.jsonl')}\n  curves: {plot_path}")
-    return eval_metrics
-
+        now = time.perf_counter()
+        rate = (len(self._runs) * (step - self._last_step) * self._config.batch_size
+                / max(now - self._last_time, 1e-9))
+        self._bar.set_postfix(loss=f"{np.mean([m['loss'] for m, _ in self._window]):.3f}",
+                              acc=f"{np.mean([m['accuracy'] for m, _ in self._window]):.3f}",
+                              img_s=f"{rate:,.0f}")
+        self._last_time, self._last_step = now, step
+        self._window.clear()

@@ -1,0 +1,112 @@
+"""What an experiment's config builds, for the loop, sweeps, analysis and the command lines: the
+model, the dataset's facts and batches, the checkpoint metadata and the workdir checks."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from typing import Any, Iterator
+
+import jax
+import ml_collections
+
+import fractal_jax
+from fractal_jax import config as config_lib
+from fractal_jax.data import pipeline
+from fractal_jax.data.sources import DataError
+from fractal_jax.models.registry import create_model
+from fractal_jax.training import parallel
+from fractal_jax.training.checkpoint import read_metadata
+from fractal_jax.training.lock import workdir_lock
+
+
+class WorkdirConflictError(ValueError):
+    """The workdir holds a checkpoint of a different experiment."""
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int):
+    """The registry model `config.model.name` with every model.* key that is set."""
+    kwargs = {k: tuple(v) if isinstance(v, list) else v
+              for k, v in config.model.to_dict().items() if k != "name" and v is not None}
+    return create_model(config.model.name, num_classes, **kwargs)
+
+
+def check_batch_sizes(config: ml_collections.ConfigDict) -> None:
+    """Both batch sizes must split evenly over the devices."""
+    parallel.check_batch_size(config.batch_size)
+    parallel.check_batch_size(config.eval_batch_size, "eval_batch_size")
+
+
+def _data_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    return dict(data_dir=config.data_dir, path=config.data.path, normalize=config.data.normalize)
+
+
+def dataset_info(config: ml_collections.ConfigDict) -> pipeline.DatasetInfo:
+    """Returns the DatasetInfo of the config's dataset and splits, which sizes model and schedule.
+
+    Raises DataError if the training split holds fewer examples than one batch.
+    """
+    info = pipeline.get_dataset_info(config.dataset, train_split=config.data.train_split,
+                                     eval_split=config.data.eval_split,
+                                     data_dir=config.data_dir, path=config.data.path)
+    if info.num_train_examples < config.batch_size:
+        raise DataError(f"The {config.data.train_split!r} split of {config.dataset} has "
+                        f"{info.num_train_examples} examples, fewer than one batch "
+                        f"(batch_size={config.batch_size}); lower batch_size or add data.")
+    return info
+
+
+def train_batches(config: ml_collections.ConfigDict, start_step: int,
+                  seed: int | None = None) -> Iterator[pipeline.Batch]:
+    """Returns the training batches of steps start_step + 1 ... num_train_steps, in the order of
+    `seed` (default: the config's)."""
+    return pipeline.train_batches(
+        config.dataset, global_batch_size=config.batch_size,
+        seed=config.seed if seed is None else seed, start_step=start_step,
+        num_steps=config.num_train_steps - start_step, augment=config.data.augment,
+        max_shift=config.data.max_shift, flip=config.data.flip, split=config.data.train_split,
+        **_data_kwargs(config))
+
+
+def eval_batches(config: ml_collections.ConfigDict) -> Iterator[pipeline.Batch]:
+    """Returns one ordered, masked pass over the config's eval split."""
+    return pipeline.eval_batches(config.dataset, batch_size=config.eval_batch_size,
+                                 split=config.data.eval_split,
+                                 train_split=config.data.train_split, **_data_kwargs(config))
+
+
+def checkpoint_metadata(config: ml_collections.ConfigDict, step: int, *, data_seed: int,
+                        nonfinite_skipped: int) -> dict[str, Any]:
+    """What a checkpoint records besides the state: the run's config, where its data order
+    stands, the batches skipped as non-finite so far and the versions that wrote it."""
+    return {"config": config_lib.to_json_dict(config), "step": step,
+            "data_position": {"seed": data_seed, "next_step": step},
+            "versions": {"fractal_jax": fractal_jax.__version__, "jax": jax.__version__},
+            "nonfinite_skipped": nonfinite_skipped}
+
+
+def refuse_other_experiment(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Raises WorkdirConflictError if `workdir` holds a checkpoint of another experiment."""
+    metadata = read_metadata(workdir)
+    if not metadata:
+        return
+    diffs = config_lib.experiment_differences(metadata.get("config", {}),
+                                              config_lib.to_json_dict(config))
+    if diffs:
+        raise WorkdirConflictError(
+            f"Workdir {workdir!r} holds a checkpoint of a different experiment; it differs in:\n  "
+            + "\n  ".join(diffs) + "\nUse another --workdir, or pass --fresh to move the old "
+            "run aside and start again.")
+
+
+def move_aside(workdir: str) -> str | None:
+    """Renames an existing workdir to WORKDIR.old-<time> (nothing is deleted); returns the path.
+
+    Raises WorkdirLockError, moving nothing, while a live run holds the workdir.
+    """
+    if not os.path.exists(workdir):
+        return None
+    target = f"{workdir.rstrip('/')}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    with workdir_lock(workdir):
+        shutil.move(workdir, target)
+    return target
