@@ -15,7 +15,6 @@ import sys
 
 # Run as a script: make the repository importable without installing it.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
@@ -23,7 +22,6 @@ import inspect  # noqa: E402
 
 import ml_collections  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from fractal_jax import cli  # noqa: E402
 from fractal_jax import config as config_lib  # noqa: E402
@@ -34,12 +32,10 @@ from fractal_jax.models.summary import count_flops, count_params  # noqa: E402
 from fractal_jax.training import experiment, loop  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to an experiment config file.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for one workdir per model and seed.")
+cli.define_config_flags("Directory for one workdir per model and seed.")
 flags.DEFINE_list("models", None, "Comma-separated registry names, e.g. fractalnet,resnet20.")
 flags.DEFINE_list("seeds", None, "Comma-separated seeds (default: the config's seed).")
-flags.mark_flags_as_required(["config", "workdir", "models"])
+flags.mark_flags_as_required(["models"])
 
 
 def model_options(name: str) -> set[str]:

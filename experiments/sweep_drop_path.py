@@ -17,18 +17,14 @@ import sys
 
 # Run as a script: make the repository importable without installing it.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from fractal_jax import cli  # noqa: E402
 from fractal_jax import config as config_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to an experiment config file.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for the sweep's members and result tables.")
+cli.define_config_flags("Directory for the sweep's members and result tables.", fresh=True)
 flags.DEFINE_list("seeds", None, "Comma-separated seeds (default: the config's seed).")
 flags.DEFINE_list("p_local", None, "Comma-separated local drop-path rates "
                   "(default: the config's drop_path.p_local).")
@@ -41,9 +37,6 @@ flags.DEFINE_integer("chunk", None, "Train at most this many members at a time (
 flags.DEFINE_enum("strategy", "auto", ["auto", "vmap", "loop"], "vmap: one compiled step for "
                   "all members of a chunk; loop: each member's single-run step in turn (dead "
                   "work skipped); auto: loop on CPU, vmap on accelerators.")
-flags.DEFINE_bool("fresh", False, "Move an existing workdir aside (WORKDIR.old-<time>) and "
-                  "start from scratch instead of resuming.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def parse_values(name: str, values: list[str] | None, default, kind: type) -> tuple:

@@ -13,6 +13,7 @@ import sys
 from typing import Iterator
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from fractal_jax import config as config_lib
 from fractal_jax.runtime import configure_jax
@@ -36,6 +37,18 @@ def parse_flags(argv: list[str]) -> list[str]:
                 except ValueError as e:
                     sys.exit(f"error: {e}")
         raise
+
+
+def define_config_flags(workdir_help: str, fresh: bool = False) -> None:
+    """Defines the flags every training command line takes: --config (a config file, whose keys
+    --config.KEY=VALUE overrides), --workdir and, with `fresh`, --fresh."""
+    config_flags.DEFINE_config_file("config", None, "Path to an experiment config file.",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, workdir_help)
+    if fresh:
+        flags.DEFINE_bool("fresh", False, "Move an existing workdir aside (WORKDIR.old-<time>) "
+                          "and start from scratch instead of resuming.")
+    flags.mark_flags_as_required(["config", "workdir"])
 
 
 def start(argv: list[str]) -> None:

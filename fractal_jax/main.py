@@ -7,21 +7,13 @@ Running the same command on the same workdir resumes from its newest good checkp
 """
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from fractal_jax import cli  # noqa: E402
-from fractal_jax import config as config_lib  # noqa: E402
+from fractal_jax import cli
+from fractal_jax import config as config_lib
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to an experiment config file.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
-flags.DEFINE_bool("fresh", False, "Move an existing workdir aside (WORKDIR.old-<time>) and "
-                  "start from scratch instead of resuming.")
-flags.mark_flags_as_required(["config", "workdir"])
+cli.define_config_flags("Directory for checkpoints, metrics and plots.", fresh=True)
 
 
 def report(config, workdir: str, final: dict[str, float]) -> None:
