@@ -136,25 +136,53 @@ def train_batches(
     aug.check_choice("augmentation tier", augment, aug.TIERS)
     if not 0 <= max_shift:
         raise ValueError(f"max_shift must be >= 0 pixels, got {max_shift}.")
-    if start_step < 0 or (num_steps is not None and num_steps < 0):
-        raise ValueError(f"start_step ({start_step}) and num_steps ({num_steps}) must be >= 0.")
     lo, hi = _process_slice(global_batch_size, process_index, process_count)
-    mean, std = _normalization(dataset, split, data_dir, path, normalize)
+    threads = default_num_threads(dataset) if num_threads is None else num_threads
     if dataset in sources.RANDOM_ACCESS_TFDS:
-        batch_at = functools.partial(
-            _imagenet_train_batch,
-            source=sources.encoded_image_source(sources.tfds_builder(dataset, data_dir), split),
-            global_batch=global_batch_size, lo=lo, hi=hi, seed=seed, mean=mean, std=std,
+        return encoded_image_train_batches(
+            sources.encoded_image_source(sources.tfds_builder(dataset, data_dir), split),
+            global_batch_size=global_batch_size, seed=seed, start_step=start_step,
+            num_steps=num_steps, normalize=normalize, process_index=process_index,
+            process_count=process_count, num_threads=threads,
         )
-    else:
-        batch_at = functools.partial(
-            _in_memory_train_batch, data=sources.load_split(dataset, split, data_dir, path),
-            global_batch=global_batch_size, lo=lo, hi=hi, seed=seed, tier=augment,
-            mean=mean, std=std, max_shift=max_shift, flip=flip,
-        )
-    stop = sys.maxsize // global_batch_size if num_steps is None else start_step + num_steps
-    return _iterate(grain.MapDataset.range(start_step, stop).map(batch_at),
-                    default_num_threads(dataset) if num_threads is None else num_threads)
+    mean, std = _normalization(dataset, split, data_dir, path, normalize)
+    batch_at = functools.partial(
+        _in_memory_train_batch, data=sources.load_split(dataset, split, data_dir, path),
+        global_batch=global_batch_size, lo=lo, hi=hi, seed=seed, tier=augment,
+        mean=mean, std=std, max_shift=max_shift, flip=flip,
+    )
+    return _iterate(_steps(start_step, num_steps, global_batch_size).map(batch_at), threads)
+
+
+def encoded_image_train_batches(
+    source: Sequence[dict],
+    *,
+    global_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    num_steps: int | None = None,
+    normalize: str = "mean",
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_threads: int | None = None,
+) -> Iterator[Batch]:
+    """Returns ImageNet-style training batches of a random-access `source` of encoded images.
+
+    `source[i]` is {"image": JPEG / PNG bytes, "label": int} and `source.__getitems__`
+    reads several records at once (as TFDS's ArrayRecord data sources do). Each example is
+    decoded, cropped and flipped by `augment.imagenet_train_image` and normalised with
+    ImageNet's statistics; otherwise the batches are as `train_batches` describes.
+    """
+    aug.check_choice("normalize", normalize, aug.NORMALIZATIONS)
+    lo, hi = _process_slice(global_batch_size, process_index, process_count)
+    steps = _steps(start_step, num_steps, global_batch_size)
+    mean, std = _normalization("imagenet2012", "train", None, None, normalize)
+    batch_at = functools.partial(
+        _imagenet_train_batch, source=source, global_batch=global_batch_size, lo=lo, hi=hi,
+        seed=seed, mean=mean, std=std,
+    )
+    threads = default_num_threads("imagenet2012") if num_threads is None else num_threads
+    return _iterate(steps.map(batch_at), threads)
 
 
 def eval_batches(
@@ -210,6 +238,15 @@ def example_indices(positions: np.ndarray, num_examples: int, seed: int) -> np.n
 @functools.lru_cache(maxsize=4)  # A batch spans at most two epochs; threads may lag by one.
 def _permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     return aug.generator(_SHUFFLE_STREAM, seed, epoch).permutation(num_examples)
+
+
+def _steps(start_step: int, num_steps: int | None, global_batch: int) -> grain.MapDataset:
+    """Returns the steps start_step, start_step + 1, ... (num_steps of them, or unbounded)."""
+    if start_step < 0 or (num_steps is not None and num_steps < 0):
+        raise ValueError(f"start_step ({start_step}) and num_steps ({num_steps}) must be >= 0.")
+    # Unbounded: as many steps as global positions fit in an int64.
+    stop = sys.maxsize // global_batch if num_steps is None else start_step + num_steps
+    return grain.MapDataset.range(start_step, stop)
 
 
 def _iterate(batches: grain.MapDataset, num_threads: int) -> Iterator[Batch]:
