@@ -464,6 +464,42 @@ def test_imagenet_reads_only_its_batches_resumes_and_pads_eval():
             pipeline.eval_batches("imagenet2012", batch_size=4, data_dir="unused")
 
 
+class _TinyImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """A 3-split TFDS dataset of random 6x8 RGB images, for building real ArrayRecord files."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(6, 8, 3)),
+            "label": tfds.features.ClassLabel(num_classes=3)}), disable_shuffling=True)
+
+    def _split_generators(self, dl_manager):
+        return {split: self._generate_examples(split) for split in ("train", "validation", "test")}
+
+    def _generate_examples(self, split):
+        rng = np.random.default_rng(len(split))
+        for i in range(10):
+            yield i, {"image": rng.integers(0, 256, (6, 8, 3), np.uint8), "label": i % 3}
+
+
+def test_tfds_array_record_files_are_read_by_random_access(tmp_path):
+    pytest.importorskip("tensorflow", reason="TFDS needs TensorFlow to build a dataset")
+    builder = _TinyImages(data_dir=str(tmp_path))
+    builder.download_and_prepare(file_format="array_record")
+    stored = [e for _, e in builder._generate_examples("train")]  # What was written.
+    with mock.patch.object(tfds, "builder", return_value=builder):
+        info = pipeline.get_dataset_info("cifar10", data_dir=str(tmp_path))
+        assert (info.image_shape, info.num_train_examples, info.num_classes) == ((6, 8, 3), 10, 3)
+        train = sources.load_split("cifar10", "train", str(tmp_path), None)
+        np.testing.assert_array_equal(train.images, np.stack([e["image"] for e in stored]))
+        np.testing.assert_array_equal(train.labels, [e["label"] for e in stored])
+        batch = next(pipeline.train_batches("imagenet2012", global_batch_size=4, seed=0,
+                                            data_dir=str(tmp_path)))
+    chex.assert_shape(batch["image"], (4, 224, 224, 3))
+    assert set(batch["label"]) <= {0, 1, 2}
+
+
 # ----- no TensorFlow in a training process -----------------------------------------------------
 
 def test_loading_a_config_and_training_import_no_tensorflow(tmp_path):
