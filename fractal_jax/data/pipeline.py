@@ -97,8 +97,10 @@ def get_dataset_info(
 def default_num_threads(dataset: str) -> int:
     """Returns how many grain threads prepare batches of `dataset` on this machine.
 
-    Decoding and cropping JPEGs (ImageNet) takes a thread per core; the in-memory datasets'
-    vectorised batches need at most two, and more would only compete with the train step.
+    Decoding and cropping JPEGs (ImageNet, ~200 images/s per core) takes a thread per core.
+    The in-memory datasets' vectorised batches take two at most: one thread already made
+    ~13,000 augmented CIFAR images/s on a 2-core CPU (experiments/pipeline_benchmark.py),
+    25-90x that CPU's train step, and more threads would only compete with the step.
     """
     cores = os.cpu_count() or 1
     return cores if dataset in sources.RANDOM_ACCESS_TFDS else min(2, cores)

@@ -24,8 +24,8 @@ from fractal_jax.data import digits
 
 IN_MEMORY_TFDS = ("cifar10", "cifar100", "svhn_cropped")
 RANDOM_ACCESS_TFDS = ("imagenet2012",)
-LOCAL = ("digits", "image_folder", "npz")
-DATASETS = LOCAL[:1] + IN_MEMORY_TFDS + RANDOM_ACCESS_TFDS + LOCAL[1:]
+LOCAL = ("digits", "image_folder", "npz")  # Not TFDS: read by this module, without data_dir.
+DATASETS = ("digits", *IN_MEMORY_TFDS, *RANDOM_ACCESS_TFDS, "image_folder", "npz")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
 
