@@ -6,7 +6,7 @@ step's images/s (experiments/benchmark.py), so that the input pipeline is never 
 Rows: CIFAR-shaped (32×32×3) in-memory data with the "+" and "++" augmentation tiers, batch 128;
 and ImageNet-style training batches (JPEG decode, random-resized crop to 224, flip), batch 64, from
 a small folder of generated 500×375 JPEGs. Each row at 1, 2, ... cpu_count grain threads; "default"
-marks `pipeline.default_num_threads`. Writes OUT/pipeline_benchmark.json and prints a Markdown table.
+marks `pipeline.default_num_threads`. Writes OUT/pipeline_benchmark.json, prints a Markdown table.
 """
 import os
 import sys
@@ -56,7 +56,8 @@ def write_jpegs(root: pathlib.Path, count: int, size: tuple[int, int] = JPEG_SIZ
     rows, cols = np.mgrid[0:height, 0:width]
     files = []
     for i in range(count):
-        base = np.stack([rows * 255 // height, cols * 255 // width, (rows + cols + 7 * i) % 256], -1)
+        base = np.stack([rows * 255 // height, cols * 255 // width, (rows + cols + 7 * i) % 256],
+                        axis=-1)
         image = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
         buffer = io.BytesIO()
         Image.fromarray(image).save(buffer, "JPEG", quality=90)

@@ -98,9 +98,9 @@ def default_num_threads(dataset: str) -> int:
     """Returns how many grain threads prepare batches of `dataset` on this machine.
 
     Decoding and cropping JPEGs (ImageNet, ~200 images/s per core) takes a thread per core.
-    The in-memory datasets' vectorised batches take two at most: one thread already made
-    ~13,000 augmented CIFAR images/s on a 2-core CPU (experiments/pipeline_benchmark.py),
-    25-90x that CPU's train step, and more threads would only compete with the step.
+    The in-memory datasets' vectorised batches take two at most: one thread made 20,000-30,000
+    augmented CIFAR images/s on a busy 2-core CPU (experiments/pipeline_benchmark.py), 40-200x
+    that CPU's train step (BENCHMARKS.md); a second keeps up with faster accelerator steps.
     """
     cores = os.cpu_count() or 1
     return cores if dataset in sources.RANDOM_ACCESS_TFDS else min(2, cores)
@@ -336,12 +336,13 @@ def _read_in_memory(data: sources.ArraySplit, indices: np.ndarray) -> tuple[np.n
     return data.images[indices], data.labels[indices]
 
 
-def _read_imagenet_eval(source: Sequence[dict], indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _read_imagenet_eval(source: Sequence[dict], indices: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray]:
     """Returns the central crops (0..255) and labels of ImageNet examples `indices`."""
     records = source.__getitems__(indices.tolist()) if len(indices) else []
     images = [aug.imagenet_eval_image(aug.decode_image(r["image"])) for r in records]
     shape = (len(records), aug.IMAGENET_SIZE, aug.IMAGENET_SIZE, 3)
-    return (np.stack(images) if images else np.zeros(shape, np.float32),
+    return (np.stack(images) if images else np.zeros(shape, np.uint8),
             np.array([r["label"] for r in records], np.int32))
 
 
