@@ -12,7 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from fractal_jax.data import augment, digits, pipeline, sources
+from fractal_jax.data import augment, digits, pipeline, prepare, sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -370,18 +370,17 @@ def test_missing_cifar10_fails_fast_with_the_build_command(tmp_path):
     assert time.perf_counter() - start < 10
     message = str(error.value)
     assert "'cifar10'" in message and str(tmp_path) in message
-    assert f"tfds build cifar10 --data_dir {tmp_path} --file_format=array_record" in message
+    assert f"python -m fractal_jax.data.prepare cifar10 --data_dir {tmp_path}`" in message
     assert isinstance(error.value, ValueError)
 
 
-def test_a_tfrecord_dataset_gets_the_command_that_converts_it(tmp_path):
+def test_a_tfrecord_dataset_gets_the_command_that_rebuilds_it(tmp_path):
     # A prepared builder without ArrayRecord files: TFDS's default format is TFRecord.
     with mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", return_value=True), \
             pytest.raises(sources.DatasetNotFoundError, match="stored as tfrecord") as error:
         pipeline.get_dataset_info("cifar10", data_dir=str(tmp_path))
-    assert (f"tfds convert_format --dataset_version_dir {tmp_path}/cifar10/"
+    assert (f"`python -m fractal_jax.data.prepare cifar10 --data_dir {tmp_path} --rebuild`"
             in str(error.value))
-    assert "--out_file_format array_record" in str(error.value)
 
 
 def test_unknown_dataset_suggests_the_closest_name():
@@ -483,21 +482,30 @@ class _TinyImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             yield i, {"image": rng.integers(0, 256, (6, 8, 3), np.uint8), "label": i % 3}
 
 
-def test_tfds_array_record_files_are_read_by_random_access(tmp_path):
+def test_prepare_writes_array_record_files_that_are_read_by_random_access(tmp_path):
     pytest.importorskip("tensorflow", reason="TFDS needs TensorFlow to build a dataset")
-    builder = _TinyImages(data_dir=str(tmp_path))
-    builder.download_and_prepare(file_format="array_record")
-    stored = [e for _, e in builder._generate_examples("train")]  # What was written.
-    with mock.patch.object(tfds, "builder", return_value=builder):
-        info = pipeline.get_dataset_info("cifar10", data_dir=str(tmp_path))
+    data_dir = str(tmp_path)
+    _TinyImages(data_dir=data_dir).download_and_prepare()  # TFDS's default: TFRecord files.
+    stored = [e for _, e in _TinyImages(data_dir=data_dir)._generate_examples("train")]
+    tiny = lambda name, data_dir, **kwargs: _TinyImages(data_dir=data_dir, **kwargs)  # noqa: E731
+    with mock.patch.object(tfds, "builder", side_effect=tiny):
+        for attempt in (lambda: pipeline.get_dataset_info("cifar10", data_dir=data_dir),
+                        lambda: prepare.prepare("cifar10", data_dir)):
+            with pytest.raises(sources.DatasetNotFoundError, match="stored as tfrecord") as error:
+                attempt()
+            assert f"prepare cifar10 --data_dir {data_dir} --rebuild" in str(error.value)
+        prepare.main(["cifar10", "--data_dir", data_dir, "--rebuild"])
+        info = pipeline.get_dataset_info("cifar10", data_dir=data_dir)
         assert (info.image_shape, info.num_train_examples, info.num_classes) == ((6, 8, 3), 10, 3)
-        train = sources.load_split("cifar10", "train", str(tmp_path), None)
+        train = sources.load_split("cifar10", "train", data_dir, None)
         np.testing.assert_array_equal(train.images, np.stack([e["image"] for e in stored]))
         np.testing.assert_array_equal(train.labels, [e["label"] for e in stored])
         batch = next(pipeline.train_batches("imagenet2012", global_batch_size=4, seed=0,
-                                            data_dir=str(tmp_path)))
+                                            data_dir=data_dir))
     chex.assert_shape(batch["image"], (4, 224, 224, 3))
     assert set(batch["label"]) <= {0, 1, 2}
+    with pytest.raises(ValueError, match="not a TFDS dataset"):
+        prepare.prepare("digits", data_dir)
 
 
 # ----- no TensorFlow in a training process -----------------------------------------------------

@@ -5,7 +5,8 @@ once per process, so that the training pipeline can index them at random. ImageN
 read by random access from its ArrayRecord files, one example at a time. Every loader
 checks its data and raises `DataError` naming the file or example index at fault, and a
 TFDS dataset that is not on disk in ArrayRecord format raises `DatasetNotFoundError`
-with the command that prepares it: nothing here downloads, and nothing imports TensorFlow.
+with the command that prepares it (`prepare.py`): nothing here downloads or imports
+TensorFlow.
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ from fractal_jax.data import digits
 
 IN_MEMORY_TFDS = ("cifar10", "cifar100", "svhn_cropped")
 RANDOM_ACCESS_TFDS = ("imagenet2012",)
+TFDS = IN_MEMORY_TFDS + RANDOM_ACCESS_TFDS
 LOCAL = ("digits", "image_folder", "npz")  # Not TFDS: read by this module, without data_dir.
-DATASETS = ("digits", *IN_MEMORY_TFDS, *RANDOM_ACCESS_TFDS, "image_folder", "npz")
+DATASETS = ("digits", *TFDS, "image_folder", "npz")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
 
@@ -72,26 +74,26 @@ def tfds_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
         )
         raise DatasetNotFoundError(
             f"Dataset {name!r} is not prepared in data_dir {root} (looked for "
-            f"{builder.data_dir}), and this code never downloads. Prepare it once, on a machine "
+            f"{builder.data_dir}), and training never downloads. Prepare it once, on a machine "
             f"with internet access and TensorFlow (pip install -r requirements-prepare.txt), "
-            f"with `{build_command(name, root)}`, copy that directory here if needed, and pass "
-            f"data_dir=<that directory>.{manual}"
+            f"with `{prepare_command(name, root)}`, copy that directory here if needed, and "
+            f"pass data_dir=<that directory>.{manual}"
         )
-    if tfds.core.FileFormat.ARRAY_RECORD not in builder.info.available_file_formats():
+    formats = builder.info.available_file_formats()
+    if tfds.core.FileFormat.ARRAY_RECORD not in formats:
         raise DatasetNotFoundError(
             f"Dataset {name!r} in {builder.data_dir} is stored as "
-            f"{', '.join(sorted(f.value for f in builder.info.available_file_formats()))}, "
-            f"which needs TensorFlow and cannot be read by random access. Convert it once "
-            f"(with TensorFlow installed: pip install -r requirements-prepare.txt) with "
-            f"`tfds convert_format --dataset_version_dir {builder.data_dir} "
-            f"--out_file_format array_record`, or rebuild it with `{build_command(name, root)}`."
+            f"{', '.join(sorted(f.value for f in formats))} files, which cannot be read by "
+            f"random access. Rebuild it once as ArrayRecord files, reusing its downloads, with "
+            f"TensorFlow installed (pip install -r requirements-prepare.txt): "
+            f"`{prepare_command(name, root)} --rebuild`."
         )
     return builder
 
 
-def build_command(name: str, root: pathlib.Path | str) -> str:
-    """Returns the command that prepares TFDS dataset `name` in data_dir `root` for this code."""
-    return f"tfds build {name} --data_dir {root} --file_format=array_record"
+def prepare_command(name: str, root: pathlib.Path | str) -> str:
+    """Returns the command that prepares TFDS dataset `name` in data_dir `root` (`prepare.py`)."""
+    return f"python -m fractal_jax.data.prepare {name} --data_dir {root}"
 
 
 def tfds_class_names(builder: tfds.core.DatasetBuilder) -> tuple[str, ...]:
