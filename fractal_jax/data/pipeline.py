@@ -15,7 +15,8 @@ local) of each global batch (local = global_batch / process_count), computed exa
 single process would, so the processes' slices concatenate to the single-process batch.
 
 grain runs the per-step batch functions in a pool of threads, in order, ahead of the
-training step (numpy and PIL release the GIL for the heavy work).
+training step: threads, not processes, because PIL's decoding and resizing and numpy's
+copies release the GIL, and the in-memory arrays are then shared instead of copied.
 """
 from __future__ import annotations
 
