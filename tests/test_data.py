@@ -482,6 +482,7 @@ class _TinyImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             yield i, {"image": rng.integers(0, 256, (6, 8, 3), np.uint8), "label": i % 3}
 
 
+@pytest.mark.slow
 def test_prepare_writes_array_record_files_that_are_read_by_random_access(tmp_path):
     pytest.importorskip("tensorflow", reason="TFDS needs TensorFlow to build a dataset")
     data_dir = str(tmp_path)
@@ -510,6 +511,7 @@ def test_prepare_writes_array_record_files_that_are_read_by_random_access(tmp_pa
 
 # ----- no TensorFlow in a training process -----------------------------------------------------
 
+@pytest.mark.slow
 def test_loading_a_config_and_training_import_no_tensorflow(tmp_path):
     script = f"""
 import runpy, sys
