@@ -14,10 +14,14 @@ import ml_collections
 from fractal_jax.checks import check_choice, require
 
 NONFINITE = ("stop", "skip")
-IN_MEMORY_TFDS = ("digits", "cifar10", "cifar100", "svhn_cropped")
-STREAMING_TFDS = ("imagenet2012",)
-LOCAL_DATASETS = ("image_folder", "npz")
-DATASETS = IN_MEMORY_TFDS + STREAMING_TFDS + LOCAL_DATASETS
+# Datasets by where they come from (data/sources.py): TFDS datasets read into memory, or one
+# example at a time; the digits scikit-learn ships; files under data.path.
+IN_MEMORY_TFDS = ("cifar10", "cifar100", "svhn_cropped")
+RANDOM_ACCESS_TFDS = ("imagenet2012",)
+TFDS = IN_MEMORY_TFDS + RANDOM_ACCESS_TFDS
+FILE_DATASETS = ("image_folder", "npz")
+LOCAL_DATASETS = ("digits", *FILE_DATASETS)  # read without a data_dir
+DATASETS = ("digits", *TFDS, *FILE_DATASETS)
 # The paper's augmentation tiers (data/augment.py), normalisations and translation range.
 TIERS = ("none", "+", "++")
 NORMALIZATIONS = ("mean", "mean_std")
@@ -166,7 +170,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     require(isinstance(config.data.max_shift, int) and config.data.max_shift >= 0,
             "data.max_shift", config.data.max_shift, "it must be an integer >= 0 (pixels)")
     check_choice("data.normalize", config.data.normalize, NORMALIZATIONS)
-    if config.dataset in LOCAL_DATASETS:
+    if config.dataset in FILE_DATASETS:
         require(bool(config.data.path), "data.path", config.data.path,
                 f"dataset {config.dataset!r} needs data.path (its root folder or .npz file)")
     require(isinstance(config.model.get("name"), str), "model.name", config.model.get("name"),

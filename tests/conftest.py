@@ -21,7 +21,7 @@ configure_jax()
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-    """A TFDS data_dir, shared by the session's runs (digits is built in it once)."""
+    """A TFDS data_dir, shared by the session's runs (digits needs none: it is read from memory)."""
     return tmp_path_factory.mktemp("tfds")
 
 

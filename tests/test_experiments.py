@@ -186,7 +186,7 @@ def test_unknown_table_or_setting_is_refused_with_the_choices(table, setting, ma
 
 
 def test_paper_budget_without_the_dataset_fails_before_training(tmp_path):
-    with pytest.raises(DatasetNotFoundError, match="tfds build cifar10 --data_dir"):
+    with pytest.raises(DatasetNotFoundError, match="fractal_jax.data.prepare cifar10 --data_dir"):
         reproduce.reproduce(1, "C10+", "paper", str(tmp_path / "runs"),
                             {"data_dir": str(tmp_path / "no_data")})
     assert not os.path.exists(tmp_path / "runs" / "paper" / "C10+")

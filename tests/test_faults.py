@@ -19,7 +19,7 @@ import chex
 import jax
 import numpy as np
 import pytest
-import tensorflow as tf
+from PIL import Image
 
 from fractal_jax.data import sources
 from fractal_jax.training import checkpoint, experiment, lock, loop, sweep
@@ -421,8 +421,7 @@ def _folder_with_broken_image(root):
     for split in ("train", "test"):
         (root / split / "0").mkdir(parents=True)
         for i in range(40):
-            (root / split / "0" / f"{i}.png").write_bytes(
-                tf.io.encode_png(np.full((8, 8, 1), i, np.uint8)).numpy())
+            Image.fromarray(np.full((8, 8), i, np.uint8)).save(root / split / "0" / f"{i}.png")
     (root / "train" / "0" / "broken.png").write_bytes(b"\x89PNG truncated")
     return str(root)
 

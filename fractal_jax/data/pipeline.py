@@ -1,42 +1,47 @@
-"""Deterministic, resumable, multi-host input pipelines for training and evaluation.
+"""Deterministic, resumable, multi-host input pipelines for training and evaluation, on grain.
 
-Training batches are step-indexed: the batch at step s is a pure function of (seed, s),
-so resuming at step s reproduces exactly the batches of an uninterrupted run.
+Every batch is read by random access: the batch at step s is a pure function of (seed, s),
+computed from nothing but s, so resuming at step s costs the same as starting and
+reproduces exactly the batches of an uninterrupted run.
 
-In-memory datasets (all but ImageNet): global example position i = s * global_batch + j
-(j in 0..global_batch-1) reads example `index_shuffle(i mod N)` of a permutation seeded by
-(seed, epoch = i // N), so every epoch visits each example exactly once; the augmentation
-of the whole global batch is drawn from the seed (seed, s) and row j goes to position j.
+Global example position i = s * global_batch + j (j in 0..global_batch-1) reads example
+`permutation(seed, epoch)[i mod N]` with epoch = i // N, so every epoch visits each example
+exactly once, in a fresh order. Augmentation is numpy, keyed by (seed, s): the flips and
+shifts of the paper's tiers are drawn for the whole global batch and row j goes to
+position j; ImageNet's crop and flip of position j are drawn from the key (seed, s, j).
 
-ImageNet (streamed from TFDS): a fixed-seed file order, interleave and shuffle buffer give
-a reproducible example stream; resuming skips the first start_step * global_batch records
-(they are read but not decoded, so a late resume costs some I/O time). Position j of step s
-is augmented with the seed fold_in((seed, s), j).
+Multi-host: each process reads and yields only its slice, positions [p * local, (p + 1) *
+local) of each global batch (local = global_batch / process_count), computed exactly as a
+single process would, so the processes' slices concatenate to the single-process batch.
 
-Multi-host: each process yields only its slice, positions [p * local, (p + 1) * local) of
-each global batch (local = global_batch / process_count), computed exactly as a single
-process would, so the processes' slices concatenate to the single-process global batch.
+grain runs the per-step batch functions in a pool of threads, in order, ahead of the
+training step: threads, not processes, because PIL's decoding and resizing and numpy's
+copies release the GIL, and the in-memory arrays are then shared instead of copied.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
-from collections.abc import Iterator
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
 
+import grain
 import jax
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from fractal_jax.checks import check_choice
-from fractal_jax.config import LOCAL_DATASETS, NORMALIZATIONS, TIERS
+from fractal_jax.config import (LOCAL_DATASETS, MAX_SHIFT, NORMALIZATIONS, RANDOM_ACCESS_TFDS,
+                                TIERS)
 from fractal_jax.data import augment as aug
 from fractal_jax.data import sources
 
 Batch = dict[str, np.ndarray]
-_SHUFFLE_STREAM = 0x5EED  # First word of the 3-word index_shuffle seed (seed, epoch follow).
-_IMAGENET_SHUFFLE_BUFFER = 10_000
+# First words of the generator keys, so that shuffling and augmentation never share draws.
+_SHUFFLE_STREAM = 0x5EED
+_AUGMENT_STREAM = 0xA0
+_PREFETCH_PER_THREAD = 2  # Batches buffered per grain thread: enough to hide one slow batch.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +67,7 @@ def get_dataset_info(
     """Returns the DatasetInfo of `dataset`, reading TFDS metadata or loading local splits.
 
     Raises ValueError for an unknown name, DatasetNotFoundError for TFDS data that is not
-    prepared in `data_dir`, and DataError for malformed local data.
+    prepared (in ArrayRecord format) in `data_dir`, and DataError for malformed local data.
     """
     sources.check_dataset_name(dataset)
     if dataset in LOCAL_DATASETS:
@@ -79,7 +84,7 @@ def get_dataset_info(
     builder = sources.tfds_builder(dataset, data_dir)
     _check_labelled(dataset, eval_split)
     names = sources.tfds_class_names(builder)
-    if dataset in sources.STREAMING_TFDS:
+    if dataset in RANDOM_ACCESS_TFDS:
         shape = (aug.IMAGENET_SIZE, aug.IMAGENET_SIZE, 3)
     else:
         shape = tuple(builder.info.features["image"].shape)
@@ -93,6 +98,18 @@ def get_dataset_info(
     )
 
 
+def default_num_threads(dataset: str) -> int:
+    """Returns how many grain threads prepare batches of `dataset` on this machine.
+
+    Decoding and cropping JPEGs (ImageNet, ~200 images/s per core) takes a thread per core.
+    The in-memory datasets' vectorised batches take two at most: one thread made 20,000-30,000
+    augmented CIFAR images/s on a busy 2-core CPU (experiments/pipeline_benchmark.py), 40-200x
+    that CPU's train step (BENCHMARKS.md); a second keeps up with faster accelerator steps.
+    """
+    cores = os.cpu_count() or 1
+    return cores if dataset in RANDOM_ACCESS_TFDS else min(2, cores)
+
+
 def train_batches(
     dataset: str,
     *,
@@ -101,7 +118,7 @@ def train_batches(
     start_step: int = 0,
     num_steps: int | None = None,
     augment: str = "none",
-    max_shift: int = aug.MAX_SHIFT,
+    max_shift: int = MAX_SHIFT,
     flip: bool = True,
     normalize: str = "mean",
     data_dir: str | None = None,
@@ -109,41 +126,69 @@ def train_batches(
     split: str = "train",
     process_index: int | None = None,
     process_count: int | None = None,
+    num_threads: int | None = None,
 ) -> Iterator[Batch]:
     """Returns an iterator over training batches for steps start_step, start_step + 1, ...
 
     Each batch is {"image": float32 (local_batch, H, W, C), "label": int32 (local_batch,)},
     this process's slice of the global batch. The iterator is infinite unless `num_steps`
-    is given. `augment` is a tier of `augment.TIERS` (translations up to `max_shift` px,
+    is given. `augment` is a tier of `config.TIERS` (translations up to `max_shift` px,
     horizontal flips if `flip`; ImageNet always uses its own crops), `normalize` one of
-    `augment.NORMALIZATIONS` (statistics from `split`). Errors in the arguments or the
-    data are raised here, not at the first `next()`.
+    `config.NORMALIZATIONS` (statistics from `split`). `num_threads` grain threads
+    (default: `default_num_threads`) prepare batches ahead; the batches never depend on it.
+    Errors in the arguments or the data are raised here, not at the first `next()`.
     """
     sources.check_dataset_name(dataset)
     check_choice("augment", augment, TIERS)
     if not 0 <= max_shift:
         raise ValueError(f"max_shift must be >= 0 pixels, got {max_shift}.")
-    if start_step < 0 or (num_steps is not None and num_steps < 0):
-        raise ValueError(f"start_step ({start_step}) and num_steps ({num_steps}) must be >= 0.")
     lo, hi = _process_slice(global_batch_size, process_index, process_count)
+    threads = default_num_threads(dataset) if num_threads is None else num_threads
+    if dataset in RANDOM_ACCESS_TFDS:
+        return encoded_image_train_batches(
+            sources.encoded_image_source(sources.tfds_builder(dataset, data_dir), split),
+            global_batch_size=global_batch_size, seed=seed, start_step=start_step,
+            num_steps=num_steps, normalize=normalize, process_index=process_index,
+            process_count=process_count, num_threads=threads,
+        )
     mean, std = _normalization(dataset, split, data_dir, path, normalize)
-    if dataset in sources.STREAMING_TFDS:
-        batches = _imagenet_train(
-            sources.tfds_builder(dataset, data_dir), split, global_batch_size, lo, hi,
-            seed, start_step, num_steps, mean, std,
-        )
-    else:
-        steps = (
-            tf.data.Dataset.counter(start_step)
-            if num_steps is None
-            else tf.data.Dataset.range(start_step, start_step + num_steps)
-        )
-        batch_at = _in_memory_train_fn(
-            sources.load_split(dataset, split, data_dir, path),
-            global_batch_size, lo, hi, seed, augment, mean, std, max_shift, flip,
-        )
-        batches = steps.map(batch_at, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return batches.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+    batch_at = functools.partial(
+        _in_memory_train_batch, data=sources.load_split(dataset, split, data_dir, path),
+        global_batch=global_batch_size, lo=lo, hi=hi, seed=seed, tier=augment,
+        mean=mean, std=std, max_shift=max_shift, flip=flip,
+    )
+    return _iterate(_steps(start_step, num_steps, global_batch_size).map(batch_at), threads)
+
+
+def encoded_image_train_batches(
+    source: Sequence[dict],
+    *,
+    global_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    num_steps: int | None = None,
+    normalize: str = "mean",
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_threads: int | None = None,
+) -> Iterator[Batch]:
+    """Returns ImageNet-style training batches of a random-access `source` of encoded images.
+
+    `source[i]` is {"image": JPEG / PNG bytes, "label": int} and `source.__getitems__`
+    reads several records at once (as TFDS's ArrayRecord data sources do). Each example is
+    decoded, cropped and flipped by `augment.imagenet_train_image` and normalised with
+    ImageNet's statistics; otherwise the batches are as `train_batches` describes.
+    """
+    check_choice("normalize", normalize, NORMALIZATIONS)
+    lo, hi = _process_slice(global_batch_size, process_index, process_count)
+    steps = _steps(start_step, num_steps, global_batch_size)
+    mean, std = _normalization("imagenet2012", "train", None, None, normalize)
+    batch_at = functools.partial(
+        _imagenet_train_batch, source=source, global_batch=global_batch_size, lo=lo, hi=hi,
+        seed=seed, mean=mean, std=std,
+    )
+    threads = default_num_threads("imagenet2012") if num_threads is None else num_threads
+    return _iterate(steps.map(batch_at), threads)
 
 
 def eval_batches(
@@ -157,6 +202,7 @@ def eval_batches(
     train_split: str = "train",
     process_index: int | None = None,
     process_count: int | None = None,
+    num_threads: int | None = None,
 ) -> Iterator[Batch]:
     """Returns an iterator making one ordered pass over `split`, without augmentation.
 
@@ -170,15 +216,50 @@ def eval_batches(
     _check_labelled(dataset, split)
     lo, hi = _process_slice(batch_size, process_index, process_count)
     mean, std = _normalization(dataset, train_split, data_dir, path, normalize)
-    if dataset in sources.STREAMING_TFDS:
-        return _imagenet_eval(
-            sources.tfds_builder(dataset, data_dir), split, batch_size, lo, hi, mean, std
-        )
-    data = _eval_split(dataset, split, train_split, data_dir, path)
-    num_batches = math.ceil(len(data.labels) / batch_size)
-    batch_at = _in_memory_eval_fn(data, batch_size, lo, hi, mean, std)
-    batches = tf.data.Dataset.range(num_batches).map(batch_at, num_parallel_calls=tf.data.AUTOTUNE)
-    return batches.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+    if dataset in RANDOM_ACCESS_TFDS:
+        source = sources.encoded_image_source(sources.tfds_builder(dataset, data_dir), split)
+        read = functools.partial(_read_imagenet_eval, source)
+        num_examples = len(source)
+    else:
+        data = _eval_split(dataset, split, train_split, data_dir, path)
+        read = functools.partial(_read_in_memory, data)
+        num_examples = len(data.labels)
+    batch_at = functools.partial(_eval_batch, read=read, num_examples=num_examples,
+                                 batch_size=batch_size, lo=lo, hi=hi, mean=mean, std=std)
+    num_batches = math.ceil(num_examples / batch_size)
+    return _iterate(grain.MapDataset.range(num_batches).map(batch_at),
+                    default_num_threads(dataset) if num_threads is None else num_threads)
+
+
+def example_indices(positions: np.ndarray, num_examples: int, seed: int) -> np.ndarray:
+    """Returns the example read at each global position: a fresh permutation per epoch."""
+    epochs, offsets = np.divmod(positions, num_examples)
+    indices = np.empty_like(positions)
+    for epoch in np.unique(epochs):
+        here = epochs == epoch
+        indices[here] = _permutation(num_examples, seed, int(epoch))[offsets[here]]
+    return indices
+
+
+@functools.lru_cache(maxsize=4)  # A batch spans at most two epochs; threads may lag by one.
+def _permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    return aug.generator(_SHUFFLE_STREAM, seed, epoch).permutation(num_examples)
+
+
+def _steps(start_step: int, num_steps: int | None, global_batch: int) -> grain.MapDataset:
+    """Returns the steps start_step, start_step + 1, ... (num_steps of them, or unbounded)."""
+    if start_step < 0 or (num_steps is not None and num_steps < 0):
+        raise ValueError(f"start_step ({start_step}) and num_steps ({num_steps}) must be >= 0.")
+    # Unbounded: as many steps as global positions fit in an int64.
+    stop = sys.maxsize // global_batch if num_steps is None else start_step + num_steps
+    return grain.MapDataset.range(start_step, stop)
+
+
+def _iterate(batches: grain.MapDataset, num_threads: int) -> Iterator[Batch]:
+    """Returns an iterator over `batches`, in order, prepared ahead by `num_threads` threads."""
+    options = grain.ReadOptions(num_threads=num_threads,
+                                prefetch_buffer_size=_PREFETCH_PER_THREAD * max(num_threads, 1))
+    return iter(batches.to_iter_dataset(options))
 
 
 def _process_slice(
@@ -199,7 +280,7 @@ def _process_slice(
 
 def _check_labelled(dataset: str, split: str) -> None:
     """Rejects ImageNet's test split, whose labels TFDS stores as -1."""
-    if dataset in sources.STREAMING_TFDS and split.startswith("test"):
+    if dataset in RANDOM_ACCESS_TFDS and split.startswith("test"):
         raise ValueError(f"{dataset}'s {split!r} split has no labels; evaluate 'validation'.")
 
 
@@ -221,163 +302,69 @@ def _normalization(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Returns the per-channel (mean, std) used to normalise `dataset`, computed on `split`."""
     check_choice("normalize", normalize, NORMALIZATIONS)
-    if dataset in sources.STREAMING_TFDS:
+    if dataset in RANDOM_ACCESS_TFDS:
         std = aug.IMAGENET_STD if normalize == "mean_std" else np.ones(3, np.float32)
         return aug.IMAGENET_MEAN, std
     return aug.channel_stats(sources.load_split(dataset, split, data_dir, path).images, normalize)
 
 
-def _shuffled_indices(positions: tf.Tensor, num_examples: int, seed: int) -> tf.Tensor:
-    """Returns the example read at each global position (int64): a fresh permutation per epoch.
-
-    tf.random.experimental.index_shuffle pads a batch of [n, 2] seeds along the wrong axis
-    (TF 2.21), so the raw op is called with its native 3-word seeds (stream, seed, epoch).
-    """
-    epochs = positions // num_examples
-    seeds = tf.stack(
-        [tf.fill(tf.shape(positions), tf.constant(_SHUFFLE_STREAM, tf.int64)),
-         tf.fill(tf.shape(positions), tf.constant(seed, tf.int64)),
-         epochs],
-        axis=-1,
-    )
-    return tf.raw_ops.RandomIndexShuffle(
-        index=positions % num_examples,
-        seed=seeds,
-        max_index=tf.constant(num_examples - 1, tf.int64),
-        rounds=4,
-    )
+def _in_memory_train_batch(
+    step: int, *, data: sources.ArraySplit, global_batch: int, lo: int, hi: int, seed: int,
+    tier: str, mean: np.ndarray, std: np.ndarray, max_shift: int, flip: bool,
+) -> Batch:
+    """Returns this process's slice of the training batch of `step`."""
+    indices = example_indices(step * global_batch + np.arange(lo, hi), len(data.labels), seed)
+    images = aug.normalize_images(data.images[indices], mean, std)
+    flips, shift = aug.sample_augment_params((_AUGMENT_STREAM, seed, step), global_batch,
+                                             max_shift=max_shift, flip=flip)
+    return {"image": aug.apply_augment(images, flips[lo:hi], shift[lo:hi], tier, max_shift),
+            "label": data.labels[indices]}
 
 
-def _in_memory_train_fn(
-    data: sources.ArraySplit, global_batch: int, lo: int, hi: int, seed: int, tier: str,
-    mean: np.ndarray, std: np.ndarray, max_shift: int, flip: bool,
-):
-    """Returns step (int64 scalar) -> this process's batch of that step, as TF ops."""
-    images, labels = tf.constant(data.images), tf.constant(data.labels)
-    offsets = tf.range(lo, hi, dtype=tf.int64)
-    seed_t = tf.constant(seed, tf.int64)
-
-    def batch_at(step: tf.Tensor) -> dict[str, tf.Tensor]:
-        indices = _shuffled_indices(step * global_batch + offsets, len(data.labels), seed)
-        x = aug.normalize_images(tf.gather(images, indices), mean, std)
-        flips, shift = aug.sample_augment_params(tf.stack([seed_t, step]), global_batch,
-                                                 max_shift=max_shift, flip=flip)
-        return {
-            "image": aug.apply_augment(x, flips[lo:hi], shift[lo:hi], tier, max_shift),
-            "label": tf.gather(labels, indices),
-        }
-
-    return batch_at
-
-
-def _in_memory_eval_fn(
-    data: sources.ArraySplit, batch_size: int, lo: int, hi: int,
+def _imagenet_train_batch(
+    step: int, *, source: Sequence[dict], global_batch: int, lo: int, hi: int, seed: int,
     mean: np.ndarray, std: np.ndarray,
-):
-    """Returns batch number k -> this process's slice of examples [k * B, (k + 1) * B)."""
-    images, labels = tf.constant(data.images), tf.constant(data.labels)
-    num_examples = len(data.labels)
-    offsets = tf.range(lo, hi, dtype=tf.int64)
-
-    def batch_at(k: tf.Tensor) -> dict[str, tf.Tensor]:
-        positions = k * batch_size + offsets
-        mask = positions < num_examples
-        indices = tf.minimum(positions, num_examples - 1)  # Padding rows: any valid index.
-        x = aug.normalize_images(tf.gather(images, indices), mean, std)
-        return {
-            "image": tf.where(mask[:, None, None, None], x, 0.0),
-            "label": tf.where(mask, tf.gather(labels, indices), 0),
-            "mask": mask,
-        }
-
-    return batch_at
+) -> Batch:
+    """Returns this process's slice of the ImageNet batch of `step`: decoded, cropped, flipped."""
+    indices = example_indices(step * global_batch + np.arange(lo, hi), len(source), seed)
+    records = source.__getitems__(indices.tolist())
+    images = [aug.imagenet_train_image(aug.decode_image(r["image"]),
+                                       aug.generator(_AUGMENT_STREAM, seed, step, j))
+              for j, r in zip(range(lo, hi), records)]
+    return {"image": aug.normalize_images(np.stack(images), mean, std),
+            "label": np.array([r["label"] for r in records], np.int32)}
 
 
-def _imagenet_records(
-    builder: tfds.core.DatasetBuilder, split: str, shuffle_seed: int | None
-) -> tf.data.Dataset:
-    """Returns (position, (encoded image, label)) of `split` in a reproducible order.
+def _read_in_memory(data: sources.ArraySplit, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Returns the images (0..255) and labels of examples `indices` of an in-memory split."""
+    return data.images[indices], data.labels[indices]
 
-    Files are shuffled with `shuffle_seed` (each epoch differently, yet the same on every
-    run), or read in order when it is None. Images stay encoded so that skipped records
-    are never decoded.
+
+def _read_imagenet_eval(source: Sequence[dict], indices: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Returns the central crops (0..255) and labels of ImageNet examples `indices`."""
+    records = source.__getitems__(indices.tolist()) if len(indices) else []
+    images = [aug.imagenet_eval_image(aug.decode_image(r["image"])) for r in records]
+    shape = (len(records), aug.IMAGENET_SIZE, aug.IMAGENET_SIZE, 3)
+    return (np.stack(images) if images else np.zeros(shape, np.uint8),
+            np.array([r["label"] for r in records], np.int32))
+
+
+def _eval_batch(
+    k: int, *, read: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], num_examples: int,
+    batch_size: int, lo: int, hi: int, mean: np.ndarray, std: np.ndarray,
+) -> Batch:
+    """Returns this process's slice of eval batch `k`, padded with zero rows to hi - lo.
+
+    A process whose slice of the last batch holds no example still gets an all-padding
+    batch, so that every process runs as many steps.
     """
-    options = tf.data.Options()
-    options.deterministic = True
-    read_config = tfds.ReadConfig(
-        shuffle_seed=shuffle_seed, interleave_cycle_length=16, interleave_block_length=1,
-        options=options,
-    )
-    records = builder.as_dataset(
-        split=split, shuffle_files=shuffle_seed is not None, read_config=read_config,
-        decoders={"image": tfds.decode.SkipDecoding()},
-    ).map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
-    if shuffle_seed is not None:
-        records = records.shuffle(_IMAGENET_SHUFFLE_BUFFER, seed=shuffle_seed).repeat()
-    return records.enumerate()
-
-
-def _local_positions(records: tf.data.Dataset, batch: int, lo: int, hi: int) -> tf.data.Dataset:
-    """Keeps the records whose position in their global batch lies in [lo, hi)."""
-    return records.filter(lambda p, _: tf.logical_and(p % batch >= lo, p % batch < hi))
-
-
-def _decode(encoded: tf.Tensor) -> tf.Tensor:
-    """Returns the RGB uint8 (H, W, 3) image of an encoded JPEG / PNG."""
-    return tf.io.decode_image(encoded, channels=3, expand_animations=False)
-
-
-def _imagenet_train(
-    builder: tfds.core.DatasetBuilder, split: str, global_batch: int, lo: int, hi: int,
-    seed: int, start_step: int, num_steps: int | None, mean: np.ndarray, std: np.ndarray,
-) -> tf.data.Dataset:
-    """Returns the streamed ImageNet training batches of this process, from `start_step`."""
-    records = _imagenet_records(builder, split, shuffle_seed=seed).skip(start_step * global_batch)
-    if num_steps is not None:
-        records = records.take(num_steps * global_batch)
-
-    def example(position: tf.Tensor, record: tuple[tf.Tensor, tf.Tensor]) -> dict:
-        step_seed = tf.stack([tf.constant(seed, tf.int64), position // global_batch])
-        example_seed = tf.random.experimental.stateless_fold_in(step_seed, position % global_batch)
-        image = aug.imagenet_train_image(_decode(record[0]), example_seed)
-        return {"image": aug.normalize_images(image, mean, std), "label": record[1]}
-
-    return (
-        _local_positions(records, global_batch, lo, hi)
-        .map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        .batch(hi - lo, drop_remainder=True)
-    )
-
-
-def _imagenet_eval(
-    builder: tfds.core.DatasetBuilder, split: str, batch_size: int, lo: int, hi: int,
-    mean: np.ndarray, std: np.ndarray,
-) -> Iterator[Batch]:
-    """Yields this process's slices of ImageNet eval batches, padded and masked at the end."""
-
-    def example(_: tf.Tensor, record: tuple[tf.Tensor, tf.Tensor]) -> dict:
-        image = aug.imagenet_eval_image(_decode(record[0]))
-        return {"image": aug.normalize_images(image, mean, std), "label": record[1]}
-
-    batches = (
-        _local_positions(_imagenet_records(builder, split, shuffle_seed=None), batch_size, lo, hi)
-        .map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        .batch(hi - lo)
-        .prefetch(tf.data.AUTOTUNE)
-        .as_numpy_iterator()
-    )
-    num_batches = math.ceil(builder.info.splits[split].num_examples / batch_size)
-    image_shape = (aug.IMAGENET_SIZE, aug.IMAGENET_SIZE, 3)
-    empty = {"image": np.zeros((0, *image_shape), np.float32), "label": np.zeros(0, np.int32)}
-    for _ in range(num_batches):
-        # A process whose slice of the last global batch is empty gets no batch from
-        # tf.data; it still yields an all-padding one so every process runs as many steps.
-        yield _padded(next(batches, empty), hi - lo)
-
-
-def _padded(batch: Batch, size: int) -> Batch:
-    """Returns `batch` padded with zero rows to `size`, plus a mask that marks the real rows."""
-    n = len(batch["label"])
-    padded = {k: np.concatenate([v, np.zeros((size - n, *v.shape[1:]), v.dtype)])
-              for k, v in batch.items()}
-    return padded | {"mask": np.arange(size) < n}
+    positions = np.arange(k * batch_size + lo, min(k * batch_size + hi, num_examples))
+    images, labels = read(positions)
+    images = aug.normalize_images(images, mean, std)
+    padding = hi - lo - len(labels)
+    return {
+        "image": np.concatenate([images, np.zeros((padding, *images.shape[1:]), np.float32)]),
+        "label": np.concatenate([labels, np.zeros(padding, np.int32)]),
+        "mask": np.arange(hi - lo) < len(labels),
+    }

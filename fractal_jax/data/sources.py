@@ -1,9 +1,12 @@
-"""Where examples come from: TFDS datasets, an image folder, or `.npz` files.
+"""Where examples come from: TFDS datasets (ArrayRecord), digits, an image folder, `.npz` files.
 
 Small datasets (everything but ImageNet) are loaded whole into memory as uint8 arrays,
-once per process, so that the training pipeline can index them at random. Every loader
+once per process, so that the training pipeline can index them at random. ImageNet is
+read by random access from its ArrayRecord files, one example at a time. Every loader
 checks its data and raises `DataError` naming the file or example index at fault, and a
-TFDS dataset that is not on disk raises `DatasetNotFoundError`: nothing here downloads.
+TFDS dataset that is not on disk in ArrayRecord format raises `DatasetNotFoundError`
+with the command that prepares it (`prepare.py`): nothing here downloads or imports
+TensorFlow.
 """
 from __future__ import annotations
 
@@ -12,19 +15,20 @@ import difflib
 import functools
 import pathlib
 import zipfile
+from collections.abc import Sequence
 
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
+from PIL import Image
 
-from fractal_jax.config import DATASETS, IN_MEMORY_TFDS, STREAMING_TFDS
+from fractal_jax.config import DATASETS, IN_MEMORY_TFDS, RANDOM_ACCESS_TFDS
 from fractal_jax.data import digits
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
 
 class DatasetNotFoundError(ValueError):
-    """A TFDS dataset is not prepared in the data directory (and will not be downloaded)."""
+    """A TFDS dataset is not prepared, in ArrayRecord format, in the data directory."""
 
 
 class DataError(ValueError):
@@ -50,32 +54,55 @@ def check_dataset_name(dataset: str) -> None:
 
 
 def tfds_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
-    """Returns the prepared TFDS builder of `name`; digits is built on the spot if missing.
+    """Returns the TFDS builder of `name`, prepared in ArrayRecord format in `data_dir`.
 
-    Raises DatasetNotFoundError, instead of downloading, when the data is not on disk.
+    Raises DatasetNotFoundError, instead of downloading, when the data is not on disk or is
+    stored only as TFRecord files (which need TensorFlow and cannot be read by random access);
+    the message gives the one command that fixes it.
     """
-    if name == "digits":
-        return digits.prepared_builder(data_dir)
     builder = tfds.builder(name, data_dir=data_dir)
-    if builder.is_prepared():
-        return builder
-    root = digits.data_dir_root(builder)
-    manual = (
-        f" ImageNet's build also needs the ILSVRC2012 tar files in {root}/downloads/manual."
-        if name == "imagenet2012"
-        else ""
-    )
-    raise DatasetNotFoundError(
-        f"Dataset {name!r} is not prepared in data_dir {root} (looked for {builder.data_dir}), "
-        f"and this code never downloads. Prepare it on a machine with internet access with "
-        f"`tfds build {name} --data_dir {root}`, copy that directory here if needed, and pass "
-        f"data_dir=<that directory>.{manual}"
-    )
+    root = pathlib.Path(builder.data_dir).parents[1]  # Files are in ROOT/NAME/VERSION.
+    if not builder.is_prepared():
+        manual = (
+            f" ImageNet's build also needs the ILSVRC2012 tar files in {root}/downloads/manual."
+            if name == "imagenet2012"
+            else ""
+        )
+        raise DatasetNotFoundError(
+            f"Dataset {name!r} is not prepared in data_dir {root} (looked for "
+            f"{builder.data_dir}), and training never downloads. Prepare it once, on a machine "
+            f"with internet access and TensorFlow (pip install -r requirements-prepare.txt), "
+            f"with `{prepare_command(name, root)}`, copy that directory here if needed, and "
+            f"pass data_dir=<that directory>.{manual}"
+        )
+    formats = builder.info.available_file_formats()
+    if tfds.core.FileFormat.ARRAY_RECORD not in formats:
+        raise DatasetNotFoundError(
+            f"Dataset {name!r} in {builder.data_dir} is stored as "
+            f"{', '.join(sorted(f.value for f in formats))} files, which cannot be read by "
+            f"random access. Rebuild it once as ArrayRecord files, reusing its downloads, with "
+            f"TensorFlow installed (pip install -r requirements-prepare.txt): "
+            f"`{prepare_command(name, root)} --rebuild`."
+        )
+    return builder
+
+
+def prepare_command(name: str, root: pathlib.Path | str) -> str:
+    """Returns the command that prepares TFDS dataset `name` in data_dir `root` (`prepare.py`)."""
+    return f"python -m fractal_jax.data.prepare {name} --data_dir {root}"
 
 
 def tfds_class_names(builder: tfds.core.DatasetBuilder) -> tuple[str, ...]:
     """Returns the label names of a TFDS classification dataset."""
     return tuple(builder.info.features["label"].names)
+
+
+def encoded_image_source(builder: tfds.core.DatasetBuilder, split: str) -> Sequence[dict]:
+    """Returns `split` as a random-access sequence of {"image": encoded bytes, "label": int}.
+
+    Images stay encoded so that a reader decodes only the examples it uses.
+    """
+    return builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
 
 
 @functools.lru_cache(maxsize=16)
@@ -86,9 +113,13 @@ def load_split(dataset: str, split: str, data_dir: str | None, path: str | None)
     The arrays are read-only because the cached copy is shared by every caller.
     """
     check_dataset_name(dataset)
-    if dataset in STREAMING_TFDS:
-        raise ValueError(f"{dataset!r} is too large to hold in memory; it is streamed instead.")
-    if dataset in IN_MEMORY_TFDS:
+    if dataset in RANDOM_ACCESS_TFDS:
+        raise ValueError(f"{dataset!r} is too large to hold in memory; it is read by random "
+                         "access instead.")
+    if dataset == "digits":
+        images, labels = digits.load(split)
+        loaded = ArraySplit(images, labels, digits.CLASS_NAMES)
+    elif dataset in IN_MEMORY_TFDS:
         loaded = _load_tfds(dataset, split, data_dir)
     elif dataset == "image_folder":
         loaded = _load_image_folder(_require_path(dataset, path), split)
@@ -107,10 +138,11 @@ def _require_path(dataset: str, path: str | None) -> pathlib.Path:
 
 def _load_tfds(name: str, split: str, data_dir: str | None) -> ArraySplit:
     builder = tfds_builder(name, data_dir)
-    arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+    source = builder.as_data_source(split=split)
+    examples = source.__getitems__(range(len(source)))
     return ArraySplit(
-        images=arrays["image"],
-        labels=arrays["label"].astype(np.int32),
+        images=np.stack([e["image"] for e in examples]),
+        labels=np.array([e["label"] for e in examples], np.int32),
         class_names=tfds_class_names(builder),
     )
 
@@ -160,12 +192,19 @@ def _load_image_folder(root: pathlib.Path, split: str) -> ArraySplit:
 
 
 def _decode_image(file: pathlib.Path) -> np.ndarray:
-    """Returns the image in `file` as uint8 (H, W, C), or raises DataError naming the file."""
+    """Returns the image in `file` as uint8 (H, W, C), or raises DataError naming the file.
+
+    Greyscale stays one channel and RGBA four; any other mode (palette, 16-bit, CMYK...)
+    becomes RGB, as TensorFlow's decoder did.
+    """
     try:
-        image = tf.io.decode_image(tf.io.read_file(str(file)), expand_animations=False)
-    except tf.errors.OpError as e:
-        raise DataError(f"{file}: cannot read image ({e.message.strip()}).") from None
-    return image.numpy()
+        with Image.open(file) as image:
+            if image.mode not in ("L", "RGB", "RGBA"):
+                image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+            array = np.asarray(image)
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for unreadable files.
+        raise DataError(f"{file}: cannot read image ({e}).") from None
+    return array[..., None] if array.ndim == 2 else array
 
 
 def _load_npz(path: pathlib.Path, split: str) -> ArraySplit:
