@@ -113,7 +113,7 @@ def test_normalization_modes(digits_dir):
             np.testing.assert_allclose(batch["image"].std(), expected_std, rtol=1e-4)
     with pytest.raises(ValueError, match="normalize"):
         _train(digits_dir, normalize="std")
-    with pytest.raises(ValueError, match="tier"):
+    with pytest.raises(ValueError, match="augment='\+\+\+' is invalid: it must be one of 'none'"):
         _train(digits_dir, augment="+++")
 
 

@@ -190,7 +190,7 @@ def test_join_weights_command(learned, tmp_path, capsys):
     assert jw.main(["--workdir", str(tmp_path / "learned")]) == 0
     with open(tmp_path / "learned" / "join_weights.png", "rb") as f:
         assert f.read(4) == b"\x89PNG"
-    loaded, params = jw.load_run(str(tmp_path / "learned"))
+    loaded, params = jw.load_model_and_params(str(tmp_path / "learned"))
     assert loaded.num_classes == 5
     chex.assert_trees_all_close(jw.join_weights(loaded, params),
                                 jw.join_weights(model, skewed["params"]))

@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 import flax.linen as nn
+import ml_collections
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -20,7 +21,9 @@ from matplotlib.figure import Figure
 from fractal_jax.analysis import runs
 from fractal_jax.models.fractal import FractalNet, input_weights, join_name
 from fractal_jax.models.schedule import BlockSchedule
-from fractal_jax.training.checkpoint import CheckpointError
+from fractal_jax.training.checkpoint import (CheckpointError, checkpoint_dir, read_metadata,
+                                             read_state)
+from fractal_jax.training.experiment import build_model
 
 Params = dict[str, Any]
 JoinWeights = dict[tuple[int, int], np.ndarray]
@@ -99,14 +102,30 @@ def plot_join_weights(model: nn.Module, params: Params, path: str) -> str:
     return path
 
 
+def load_model_and_params(workdir: str) -> tuple[nn.Module, Params]:
+    """Returns (model, params) of the newest readable checkpoint in `workdir`, without the
+    data the run trained on: the model comes from the saved config, its class count from the
+    head's kernel. Raises RunError without checkpoints, ValueError for a run without learned
+    joins (checked on the config, before any arrays are read)."""
+    metadata = read_metadata(workdir)
+    if metadata is None:
+        raise runs.RunError(f"no checkpoint in {checkpoint_dir(workdir)}")
+    config = ml_collections.ConfigDict(metadata["config"])
+    if config.model.get("join") != "learned":
+        raise _no_learned_joins(f"the run in {workdir} (model {config.model.name!r}, "
+                                f"join={config.model.get('join')!r})")
+    params = read_state(workdir, int(metadata["step"]))["params"]
+    return build_model(config, params["head"]["Dense_0"]["kernel"].shape[-1]), params
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="a run directory (holds checkpoints/)")
     parser.add_argument("--out", default=None, help="PNG path (default: WORKDIR/join_weights.png)")
     args = parser.parse_args(argv)
     try:
-        run = runs.load_run(args.workdir)
-        path = plot_join_weights(run.model, run.variables["params"],
+        model, params = load_model_and_params(args.workdir)
+        path = plot_join_weights(model, params,
                                  args.out or os.path.join(args.workdir, "join_weights.png"))
     except (ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -250,9 +250,9 @@ class _TrainRecords:
         flagged = metrics.pop("nonfinite", np.zeros(len(self._runs))) > 0
         self._skipped[flagged] += 1
         for i in np.flatnonzero(flagged):
-            logging.warning("non-finite loss %s or gradient norm %s at step %d of %s: batch "
-                            "skipped (%d so far)", metrics["loss"][i], metrics["grad_norm"][i],
-                            step, self._runs[i].name, self._skipped[i])
+            logging.warning("%s: non-finite loss %s or gradient norm %s at step %d: batch "
+                            "skipped (%d so far)", self._runs[i].name, metrics["loss"][i],
+                            metrics["grad_norm"][i], step, self._skipped[i])
         finite = np.isfinite(metrics["loss"]) & np.isfinite(metrics["grad_norm"])
         diverged = np.flatnonzero(~flagged & ~finite)
         if diverged.size:
