@@ -171,7 +171,6 @@ class Trainer:
         records = _TrainRecords(runs, writers, skipped, self.lr_schedule, bar, checkpointers,
                                 start)
         evals: list[dict[str, float] | None] = [None] * len(runs)
-        precise: list[dict | None] = [None] * len(runs)
         pending = None  # (step, device metrics): fetched after the next step is dispatched
         try:
             for step in range(start + 1, config.num_train_steps + 1):
@@ -202,10 +201,11 @@ class Trainer:
                     for i, (checkpointer, run) in enumerate(zip(checkpointers, runs)):
                         if step in checkpointer.all_steps():  # written before an interruption
                             continue
-                        checkpointer.save(step, split_states[i], metrics=evals[i],
-                                          eval_batch_stats=precise[i], metadata=experiment.checkpoint_metadata(
-                                              run.config, step, data_seed=run.data_seed,
-                                              nonfinite_skipped=int(skipped[i])))
+                        metadata = experiment.checkpoint_metadata(
+                            run.config, step, data_seed=run.data_seed,
+                            nonfinite_skipped=int(skipped[i]))
+                        checkpointer.save(step, split_states[i], metadata=metadata,
+                                          metrics=evals[i], eval_batch_stats=precise[i])
             if pending is not None:
                 records.add(*pending)
         finally:
