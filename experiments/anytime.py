@@ -1,11 +1,12 @@
 """Anytime evaluation of a trained FractalNet: the full network and every column alone.
 
-    python experiments/anytime.py --workdir runs/digits [--bn-batches 50] [--step S] [--out DIR]
+    python experiments/anytime.py --workdir runs/digits [--step S] [--out DIR]
 
 For the full network and each column alone it reports depth (conv layers), parameters (of the
-column as a standalone network), FLOPs per image, and eval accuracy twice: with the checkpoint's
-shared BatchNorm statistics and with statistics re-estimated for that network on BN_BATCHES
-training batches (`fractal_jax.analysis.anytime`). It writes to OUT (default: the run's workdir):
+column as a standalone network), FLOPs per image, and eval accuracy twice: with the running
+BatchNorm statistics of training, which every network shares, and with the network's own
+precise statistics, those the run's reported accuracies were computed with
+(`fractal_jax.analysis.anytime`). It writes to OUT (default: the run's workdir):
 
   anytime.md, anytime.csv  the accuracy table; running again with the same arguments writes
                            byte-identical files;
@@ -51,23 +52,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", required=True, help="a trained run's workdir")
     parser.add_argument("--step", type=int, default=None,
                         help="checkpoint step (default: the newest)")
-    parser.add_argument("--bn-batches", type=int, default=50,
-                        help="training batches to re-estimate BatchNorm statistics on")
     parser.add_argument("--out", default=None, help="output directory (default: the workdir)")
     args = parser.parse_args(argv)
     configure_jax()
     out = args.out or args.workdir
     try:
         run = runs.load_run(args.workdir, args.step)
-        rows = anytime.anytime_rows(run, args.bn_batches)
+        rows = anytime.anytime_rows(run)
         speed = speed_table(run)
     except (ValueError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     os.makedirs(out, exist_ok=True)
     table = (f"{run.workdir} at step {run.step}: accuracy on {run.config.dataset}/"
-             f"{run.config.data.eval_split}; BatchNorm statistics re-estimated on "
-             f"{args.bn_batches} training batches of {run.config.batch_size}\n\n"
+             f"{run.config.data.eval_split}; precise BatchNorm statistics on the first "
+             f"{run.config.precise_bn.num_examples} training examples\n\n"
              + anytime.markdown_table(rows))
     files = [write(os.path.join(out, "anytime.md"), table + "\n"),
              write(os.path.join(out, "anytime.csv"), anytime.csv_text(rows)),

@@ -240,11 +240,13 @@ def bench_eval(setup: Setup) -> dict:
     state = _state(model, setup, 0.0, 0.0)
     batch = _batch(setup)
     key = (model, "eval")
-    fn = PROGRAMS.get(key, steps.eval_step, state, batch, donate=False)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    fn = PROGRAMS.get(key, functools.partial(steps.eval_step, model=model), variables, batch,
+                      donate=False)
 
     def window():
         for _ in range(setup.steps_per_window):
-            out = fn(state, batch)
+            out = fn(variables, batch)
         _block(out)
 
     return _row("eval, full network", setup.batch_size * setup.steps_per_window,

@@ -189,6 +189,9 @@ def markdown_table(table: int, setting: str, budget: str, rows: list[Row],
                      + ".")
     if table == 2:
         lines.append("Measured on a single central crop; the paper averages 10 crops.")
+    if all(c.precise_bn.enabled for c in configs.values()):
+        lines.append("Each network (a full network, a column alone) is measured with BatchNorm "
+                     "statistics estimated for it (precise_bn).")
     lines += ["", "| model | paper | measured | steps × batch |", "|---|---:|---:|---:|"]
     for row in rows:
         paper = f"{paper_results.ERRORS[table][row.model][setting]:.2f}"

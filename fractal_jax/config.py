@@ -14,6 +14,7 @@ import ml_collections
 from fractal_jax.checks import check_choice, require
 
 NONFINITE = ("stop", "skip")
+BN_UPDATES = ("live", "all")  # whose BatchNorm statistics a drop-path step updates
 # Datasets by where they come from (data/sources.py): TFDS datasets read into memory, or one
 # example at a time; the digits scikit-learn ships; files under data.path.
 IN_MEMORY_TFDS = ("cifar10", "cifar100", "svhn_cropped")
@@ -32,7 +33,8 @@ WEIGHT_DECAY_TARGETS = ("kernels", "all")
 # Keys that may change between a run and its resumption without changing the experiment.
 RESUMABLE_KEYS = ("num_train_steps", "eval_every_steps", "checkpoint_every_steps",
                   "log_every_steps", "keep_checkpoints", "data_dir", "progress_bar",
-                  "eval_batch_size", "drop_path.skip", "model.remat", "nonfinite")
+                  "eval_batch_size", "drop_path.skip", "model.remat", "nonfinite",
+                  "precise_bn.enabled", "precise_bn.num_examples", "precise_bn.batch_size")
 
 
 def default_optim_config() -> ml_collections.ConfigDict:
@@ -78,11 +80,19 @@ def base_config() -> ml_collections.ConfigDict:
         name="fractalnet20", num_blocks=ph(int), num_columns=ph(int), widths=ph(tuple),
         dropout=ph(tuple), dropout_position=ph(str), dropout_type=ph(str), join_order=ph(str),
         join=ph(str), head=ph(str), stem=ph(str), pool_last_block=ph(bool), bn_momentum=ph(float),
-        bn_affine=ph(bool), depth=ph(int), stochastic_depth_rate=ph(float), weight_init=ph(str),
+        bn_affine=ph(bool), bn_bias_correction=ph(bool), depth=ph(int), stochastic_depth_rate=ph(float), weight_init=ph(str),
         dtype=ph(str), remat=ph(bool)))
     # skip: steps under a global plan compute only the kept column (same results, faster).
+    # bn_update: "live" = units a plan leaves dead keep their BatchNorm statistics (needed to
+    # skip dead work); "all" = every unit is computed and updates them every step (Caffe).
     c.drop_path = ml_collections.ConfigDict(dict(p_local=0.15, p_global=0.5, per_sample=False,
-                                                 skip=True))
+                                                 skip=True, bn_update="live"))
+    # Every evaluation uses BatchNorm statistics estimated for the network it evaluates (the
+    # full network, or a column alone) on the first num_examples unaugmented training examples
+    # (training/evaluate.py), in batches of batch_size (None: all at once, which is exact).
+    # enabled=False evaluates with the running statistics gathered in training instead.
+    c.precise_bn = ml_collections.ConfigDict(dict(enabled=True, num_examples=1000,
+                                                  batch_size=ph(int)))
     c.optim = default_optim_config()
     c.batch_size = 100
     c.eval_batch_size = 500
@@ -129,7 +139,9 @@ def _check_keys(config: ml_collections.ConfigDict, reference: ml_collections.Con
 
 
 def _positive_int(config: ml_collections.ConfigDict, key: str) -> None:
-    value = config[key]
+    value = config
+    for part in key.split("."):
+        value = value[part]
     require(isinstance(value, int) and not isinstance(value, bool) and value > 0, key, value,
             "it must be a positive integer")
 
@@ -182,7 +194,17 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key in ("per_sample", "skip"):
         require(isinstance(config.drop_path[key], bool), f"drop_path.{key}",
                 config.drop_path[key], "it must be True or False")
+    check_choice("drop_path.bn_update", config.drop_path.bn_update, BN_UPDATES)
+    require(not (config.drop_path.bn_update == "all" and config.drop_path.skip), "drop_path.skip",
+            True, "skipping dead work needs drop_path.bn_update='live' (units that are not "
+            "computed cannot update their statistics); set drop_path.skip=False to update "
+            "every unit every step")
     check_choice("nonfinite", config.nonfinite, NONFINITE)
+    require(isinstance(config.precise_bn.enabled, bool), "precise_bn.enabled",
+            config.precise_bn.enabled, "it must be True or False")
+    _positive_int(config, "precise_bn.num_examples")
+    if config.precise_bn.batch_size is not None:
+        _positive_int(config, "precise_bn.batch_size")
     for key in ("batch_size", "eval_batch_size", "num_train_steps", "log_every_steps",
                 "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         _positive_int(config, key)

@@ -29,6 +29,10 @@ def report(config, workdir: str, final: dict[str, float]) -> None:
     curves = plots.plot_learning_curves(read_metrics(workdir), os.path.join(workdir, "curves.png"))
     print(f"\nFinal evaluation on {config.dataset}/{config.data.eval_split} after "
           f"{config.num_train_steps} steps:\n{plots.column_accuracy_table(final)}")
+    if config.precise_bn.enabled:
+        print(f"accuracy: each network with BatchNorm statistics estimated for it on "
+              f"{config.precise_bn.num_examples} training examples (precise_bn); stored BN: "
+              "the running statistics of training, which no single network matches.")
     print(f"\nworkdir: {workdir}\n  checkpoints: {os.path.join(workdir, 'checkpoints')} "
           f"(steps {saved_steps(workdir)})\n  metrics: {os.path.join(workdir, METRICS_FILE)}\n"
           f"  curves: {curves}")

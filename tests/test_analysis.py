@@ -59,7 +59,10 @@ def test_ensemble_reports_members_and_ensemble_deterministically(seed_runs, tmp_
     assert [m.seed for m in result.members] == [0, 1]
     for member, (_, final) in zip(result.members, seed_runs):
         assert member.accuracy == pytest.approx(final["accuracy"], abs=1e-12)
-    assert 0.0 <= result.accuracy <= 1.0 and result.num_examples == 297
+    predictions = [runs.predict(m, runs.eval_batches(m)) for m in members]
+    mean = np.mean([probs for probs, _ in predictions], axis=0)
+    assert result.accuracy == runs.accuracy(mean, predictions[0][1])
+    assert result.num_examples == 297
     table = ensemble.markdown_table(result)
     assert "ensemble of 2" in table and all(w in table for w, _ in seed_runs)
 

@@ -1,26 +1,21 @@
-"""Anytime evaluation (BatchNorm re-estimation per column) and the paper-table reproduction."""
+"""Anytime evaluation (every column with its own BatchNorm statistics) and the paper tables."""
 import csv
 import dataclasses
 import os
 import subprocess
 import sys
 
-import chex
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
 
 from experiments import anytime as anytime_script
 from experiments import paper_results, reproduce
 from fractal_jax.analysis import anytime, runs
 from fractal_jax.data.sources import DatasetNotFoundError
 from fractal_jax.models.columns import extract_column
-from fractal_jax.models.fractal import unit_name
 from fractal_jax.models.registry import create_model
 from fractal_jax.models.summary import count_params
-from fractal_jax.training import loop
+from fractal_jax.training import evaluate, experiment, loop, parallel
 from test_training import ROOT, tiny_config
 
 
@@ -44,64 +39,38 @@ def run(trained):
     return runs.load_run(trained[0])
 
 
-def column_units(model, column):
-    """The (block, unit) names that network column `column` runs through."""
-    schedule = model.network_schedule
-    return {(f"block_{b}", unit_name(schedule.block_column(b, column), p))
-            for b, block in enumerate(schedule.blocks)
-            for p in block.column_positions(schedule.block_column(b, column))}
+def accuracy(run, column, bn="precise"):
+    return runs.accuracy(*runs.predict(run, runs.eval_batches(run), column, bn))
 
 
-def accuracy(run, column):
-    return runs.accuracy(*runs.predict(run, runs.eval_batches(run), column))
-
-
-def test_reestimated_statistics_are_the_columns_averaged_batch_statistics(run):
-    images = anytime.training_images(run, 2)
-    assert images.shape == (2, run.config.batch_size, 8, 8, 1)
-    stats = anytime.reestimate_batch_stats(run.model, run.variables, images, 1)
-
-    old = traverse_util.flatten_dict(run.variables["batch_stats"])
-    new = traverse_util.flatten_dict(stats)
-    assert new.keys() == old.keys()
-    changed = {path[:2] for path in old if not np.array_equal(old[path], new[path])}
-    assert changed == column_units(run.model, 1)
-
-    # Column 1's first unit reads the image: its statistics are those of conv(image) per batch.
-    block = run.model.network_schedule.blocks[0]
-    unit = unit_name(1, block.column_positions(1)[0])
-    kernel = run.variables["params"]["block_0"][unit]["Conv_0"]["kernel"]
-    conv = jax.vmap(lambda x: jax.lax.conv_general_dilated(
-        x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))(jnp.asarray(images))
-    bn = stats["block_0"][unit]["BatchNorm_0"]
-    np.testing.assert_allclose(bn["mean"], conv.mean(axis=(1, 2, 3)).mean(0), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(bn["var"], conv.var(axis=(1, 2, 3)).mean(0), rtol=1e-4, atol=1e-6)
-
-    chex.assert_trees_all_equal(
-        stats, anytime.reestimate_batch_stats(run.model, run.variables, images, 1))
+@pytest.mark.parametrize("column", [1, 2, None])
+def test_a_loaded_run_predicts_with_the_statistics_its_accuracy_came_from(run, trained, column):
+    _, final = trained
+    key = "accuracy" if column is None else f"accuracy/column_{column}"
+    assert accuracy(run, column) == final[key]  # its own precise statistics, saved
+    assert accuracy(run, column, "stored") == final[f"stored_bn/{key}"]
+    # A standalone column network predicts as the column does, with the same statistics.
+    plain, variables = extract_column(run.model, runs.network_variables(run, column), column) \
+        if column else (run.model, runs.network_variables(run))
+    batch = next(runs.eval_batches(run))
+    np.testing.assert_allclose(
+        plain.apply(variables, batch["image"]),
+        run.model.apply(runs.network_variables(run, column), batch["image"],
+                        **({} if column is None else {"column": column})), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("column", [2, None])
-def test_statistics_of_one_batch_make_eval_mode_compute_train_mode(run, column):
-    x = anytime.training_images(run, 1)
-    stats = anytime.reestimate_batch_stats(run.model, run.variables, x, column)
+def test_precise_statistics_of_one_batch_make_eval_mode_compute_train_mode(run, column):
+    x = experiment.calibration_batches(run.config, run.info.num_train_examples)
+    assert len(x) == 1 and x[0].shape == (run.info.num_train_examples, 8, 8, 1)
+    mesh = parallel.create_mesh()
+    stats = evaluate.Evaluator(run.model, mesh).precise_stats(run.variables, x)
     params = run.variables["params"]
-    evaluated = run.model.apply({"params": params, "batch_stats": stats}, x[0], column=column)
+    evaluated = run.model.apply({"params": params, "batch_stats": stats[
+        evaluate.network_name(column)]}, x[0], column=column)
     trained, _ = run.model.clone(dropout=None).apply(
         run.variables, x[0], train=True, column=column, mutable=["batch_stats"])
     np.testing.assert_allclose(evaluated, trained, rtol=1e-4, atol=1e-4)
-
-
-def test_reestimation_restores_a_column_whose_shared_statistics_are_wrong(run):
-    wrong = jax.tree.map(lambda s: s * 50.0 + 3.0, run.variables["batch_stats"])
-    broken = dataclasses.replace(run, variables={**run.variables, "batch_stats": wrong})
-    images = anytime.training_images(run, 4)
-    fixed, reference = (dataclasses.replace(r, variables={
-        **r.variables, "batch_stats": anytime.reestimate_batch_stats(r.model, r.variables,
-                                                                     images, 2)})
-        for r in (broken, run))
-    # The estimate does not depend on the stored statistics, so the damage is undone exactly.
-    assert accuracy(fixed, 2) == accuracy(reference, 2) > accuracy(broken, 2) + 0.3
 
 
 def read_csv(path):
@@ -113,8 +82,7 @@ def test_anytime_script_writes_tables_plot_and_identical_reruns(run, trained, tm
     workdir, final = trained
     first, second = tmp_path / "a", tmp_path / "b"
     for out in (first, second):
-        assert anytime_script.main(["--workdir", workdir, "--bn-batches", "3",
-                                    "--out", str(out)]) == 0
+        assert anytime_script.main(["--workdir", workdir, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert (first / "anytime.md").read_text() in printed
 
@@ -127,10 +95,10 @@ def test_anytime_script_writes_tables_plot_and_identical_reruns(run, trained, tm
     ] + [count_params(run.model, shape)]
     flops = [float(r["flops"]) for r in rows]
     assert 0 < flops[0] < flops[1] < flops[2]
-    # Shared statistics: exactly what training's own evaluation measured.
+    # Both kinds of statistics: exactly what training's own evaluation measured.
     for row, key in zip(rows, ("accuracy/column_1", "accuracy/column_2", "accuracy")):
-        assert float(row["accuracy_shared_bn"]) == pytest.approx(final[key], abs=1e-12)
-        assert 0.0 <= float(row["accuracy_reestimated_bn"]) <= 1.0
+        assert float(row["accuracy_precise_bn"]) == final[key]
+        assert float(row["accuracy_stored_bn"]) == final[f"stored_bn/{key}"]
 
     for name in ("anytime.md", "anytime.csv"):
         assert (first / name).read_bytes() == (second / name).read_bytes()
@@ -145,9 +113,7 @@ def test_anytime_errors_name_the_problem(run, tmp_path, capsys):
     assert "no checkpoint in" in capsys.readouterr().err
     resnet = dataclasses.replace(run, model=create_model("resnet20", 10))
     with pytest.raises(ValueError, match="needs a FractalNet"):
-        anytime.anytime_rows(resnet, 1)
-    with pytest.raises(ValueError, match="at least 1 batch"):
-        anytime.training_images(run, 0)
+        anytime.anytime_rows(resnet)
 
 
 def test_recipes_are_the_published_ones():
@@ -211,7 +177,12 @@ def test_smoke_budget_fills_the_table_and_reruns_byte_identically(tmp_path):
                 if "C10" in errors}
     assert {c[0]: float(c[1]) for c in cells} == expected == {
         "FractalNet-20": 10.18, "+ drop-path + dropout": 7.33, "→ deepest column alone": 7.27}
-    assert all(0.0 <= float(c[2]) <= 100.0 and c[3] == "4 × 10" for c in cells)
+    _, rows = reproduce.recipe(1, "C10")
+    for cell, row in zip(cells, rows):  # each measured error is its run's final evaluation
+        final = loop.final_eval(str(tmp_path / "a" / "smoke" / "C10" / row.run), "test")
+        assert (cell[0], cell[2], cell[3]) == (
+            row.model, f"{100.0 * (1.0 - final[row.metric]):.2f}", "4 × 10")
+    assert "measured with BatchNorm statistics estimated for it" in text
     assert text.strip() in out.stdout
 
     again = reproduce.reproduce(1, "C10", "smoke", str(tmp_path / "b"), {"data_dir": data_dir})

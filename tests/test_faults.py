@@ -166,15 +166,20 @@ def test_killed_sweep_ends_as_the_uninterrupted_sweep(tmp_path, data_dir):
                "--p_global=0.5"]
     members = [sweep.member_dir(workdir, m) for m in SWEEP.members]
     rng = random.Random(0)
-    moments = [(rng.randrange(0, 2), rng.choice([3, 6, 9, 12])),
-               (rng.randrange(2, 4), rng.choice([3, 6, 9, 12]))]
-    for attempt, (member, step) in enumerate(moments):
-        proc = start(command, tmp_path / f"attempt{attempt}.log")
+    common = 0  # the step every member has a checkpoint of: where a restart resumes
+    for attempt, member in enumerate((rng.randrange(0, 2), rng.randrange(2, 4))):
+        log = tmp_path / f"attempt{attempt}.log"
+        step = rng.choice([s for s in (3, 6, 9, 12) if s > common][:2])
+        proc = start(command, log)
         try:
             _wait_for(proc, lambda: _saving(members[member], step))
             time.sleep(rng.uniform(0.0, 0.05))
+            assert proc.poll() is None, log.read_text()  # killed before it finished
         finally:
             _kill(proc)
+        steps = [checkpoint_steps(m) for m in members]
+        assert min(s[-1] if s else 0 for s in steps) >= common, (attempt, steps)
+        common = min(s[-1] if s else 0 for s in steps)
     code, out = run_to_end(command, tmp_path / "final.log")
     assert code == 0, out
     for member, reference_member in zip(members, SWEEP.members):

@@ -54,9 +54,16 @@ def test_training_writes_metrics_checkpoints_and_per_column_accuracy(reference):
     evals = [r for r in records if r["split"] == "test"]
     assert [r["step"] for r in train] == [3, 6, 9, 12]
     assert [r["step"] for r in evals] == [6, 12]
-    for key in ("accuracy", "loss", "accuracy/column_1", "accuracy/column_2", "loss/column_2"):
-        assert 0 <= evals[-1][key] < 10
-    assert final["accuracy"] == evals[-1]["accuracy"]
+    networks = ["", "/column_1", "/column_2"]
+    assert set(evals[-1]) == {"step", "split"} | {
+        f"{prefix}{metric}{network}" for prefix in ("", "stored_bn/")
+        for metric in ("accuracy", "loss") for network in networks}
+    for key, value in evals[-1].items():
+        if "accuracy" in key:  # a count of the 297 test digits
+            assert round(value * 297) == pytest.approx(value * 297, abs=1e-6), key
+        elif "loss" in key:
+            assert 0 < value < np.inf, key
+    assert final == {k: v for k, v in evals[-1].items() if k not in ("step", "split")}
     assert set(os.listdir(os.path.join(workdir, "checkpoints"))) >= {"6", "12"}
     assert os.listdir(os.path.join(workdir, "tensorboard"))
 

@@ -9,6 +9,8 @@ import numpy as np
 
 from matplotlib.figure import Figure
 
+from fractal_jax.training.evaluate import STORED_PREFIX
+
 _COLUMN_KEY = re.compile(r"^accuracy/column_(\d+)$")
 
 
@@ -27,7 +29,8 @@ def plot_learning_curves(records: list[dict], path: str) -> str:
     """Writes a PNG of loss (left) and accuracy (right) against step for every split; returns `path`.
 
     The accuracy panel also draws each column's accuracy, so one can see how the columns, the full
-    network and their gap evolve. Uses a bare Figure (rendered by Agg) rather than pyplot, so no
+    network and their gap evolve, and the full network's with the running BatchNorm statistics
+    of training where the records have it. Uses a bare Figure (rendered by Agg) rather than pyplot, so no
     global backend state or open figures are left behind.
     """
     figure = Figure(figsize=(11, 4.5), layout="constrained")
@@ -40,6 +43,10 @@ def plot_learning_curves(records: list[dict], path: str) -> str:
         for k in columns:
             accuracy_axes.plot(*_series(records, split, f"accuracy/column_{k}"), label=f"{split} column {k}",
                                linestyle="--", linewidth=1)
+        stored = _series(records, split, f"{STORED_PREFIX}accuracy")
+        if stored[0]:  # the full network with the running statistics of training
+            accuracy_axes.plot(*stored, label=f"{split} full network, stored BN statistics",
+                               linestyle=":", color="grey")
     for axes, name in ((loss_axes, "loss"), (accuracy_axes, "accuracy")):
         axes.set_xlabel("step")
         axes.set_ylabel(name)
@@ -53,16 +60,24 @@ def plot_learning_curves(records: list[dict], path: str) -> str:
 def column_accuracy_table(record: dict) -> str:
     """Returns a markdown table of one eval record: the full network, then each column alone.
 
-    Accuracy is a percentage with two decimals; loss has four; a missing value is "–".
+    Accuracy is a percentage with two decimals; loss has four; a missing value is "–". A record
+    of an evaluation with precise BatchNorm statistics also has the accuracy with the running
+    statistics of training ("stored_bn/..."), shown in a column of its own.
     """
     rows = [("full network", "accuracy", "loss")] + [
         (f"column {k}", f"accuracy/column_{k}", f"loss/column_{k}") for k in column_numbers(record)]
+    columns = [("accuracy", "", ".2%"), ("loss", "", ".4f")]
+    if any(key.startswith(STORED_PREFIX) for key in record):
+        columns.append(("accuracy (stored BN)", STORED_PREFIX, ".2%"))
 
     def cell(key: str, fmt: str) -> str:
         return format(float(record[key]), fmt) if key in record else "–"
 
-    lines = ["| | accuracy | loss |", "|---|---:|---:|"]
-    lines += [f"| {name} | {cell(acc, '.2%')} | {cell(loss, '.4f')} |" for name, acc, loss in rows]
+    lines = ["| | " + " | ".join(title for title, _, _ in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    lines += [f"| {name} | " + " | ".join(
+        cell(prefix + (acc if title.startswith("accuracy") else loss), fmt)
+        for title, prefix, fmt in columns) + " |" for name, acc, loss in rows]
     return "\n".join(lines)
 
 

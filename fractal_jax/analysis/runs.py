@@ -19,8 +19,10 @@ import ml_collections
 import numpy as np
 
 from fractal_jax.data import pipeline
-from fractal_jax.training import experiment
-from fractal_jax.training.checkpoint import checkpoint_dir, read_metadata, read_state
+from fractal_jax.checks import check_choice
+from fractal_jax.training import evaluate, experiment, parallel
+from fractal_jax.training.checkpoint import (checkpoint_dir, read_eval_batch_stats,
+                                             read_metadata, read_state)
 
 Variables = dict[str, Any]
 COLLECTIONS = ("params", "batch_stats")  # what evaluation needs of the saved train state
@@ -34,9 +36,17 @@ class ModelMismatchError(RunError):
     """A checkpoint's parameters do not fit the model that its config (or the caller) describes."""
 
 
+BN_STATISTICS = ("precise", "stored")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Run:
-    """A trained model with everything needed to evaluate it on the data it was trained for."""
+    """A trained model with everything needed to evaluate it on the data it was trained for.
+
+    `variables` hold the running BatchNorm statistics of training ("stored"); `eval_batch_stats`
+    the precise statistics of each network (`training/evaluate.py`) by network name, those its
+    reported accuracies were computed with, or None for a run evaluated without them.
+    """
 
     workdir: str
     step: int
@@ -44,6 +54,18 @@ class Run:
     model: nn.Module
     variables: Variables  # {"params", "batch_stats"}
     info: pipeline.DatasetInfo
+    eval_batch_stats: dict[str, Any] | None = None
+
+
+def network_variables(run: Run, column: int | None = None, bn: str = "precise") -> Variables:
+    """{"params", "batch_stats"} to evaluate the full network (`column` None) or one column with:
+    its precise statistics (`bn="precise"`, the default; the stored ones for a run evaluated
+    without them) or the running statistics of training (`bn="stored"`)."""
+    check_choice("bn", bn, BN_STATISTICS)
+    if bn == "stored" or run.eval_batch_stats is None:
+        return run.variables
+    return {"params": run.variables["params"],
+            "batch_stats": run.eval_batch_stats[evaluate.network_name(column)]}
 
 
 def load_run(workdir: str, step: int | None = None) -> Run:
@@ -67,7 +89,36 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     step = int(metadata["step"])
     variables = restore_variables(workdir, step, model, info.image_shape)
     return Run(workdir=workdir, step=step, config=config, model=model, variables=variables,
-               info=info)
+               info=info, eval_batch_stats=_eval_batch_stats(workdir, step, config, model,
+                                                             info, variables))
+
+
+def _eval_batch_stats(workdir: str, step: int, config: ml_collections.ConfigDict, model,
+                      info: pipeline.DatasetInfo, variables: Variables) -> dict | None:
+    """The precise statistics saved with an evaluated checkpoint; for a checkpoint saved between
+    evaluations, the same computation the training loop makes (deterministic)."""
+    if not config.get("precise_bn", {}).get("enabled", False):
+        return None
+    saved = read_eval_batch_stats(workdir, step)
+    return saved if saved is not None else _precise_stats(config, model, info, variables)
+
+
+def _precise_stats(config: ml_collections.ConfigDict, model, info: pipeline.DatasetInfo,
+                   variables: Variables) -> dict:
+    """Every network's precise statistics, as the training loop computes them for `config`."""
+    config = config.copy_and_resolve_references()
+    config.precise_bn.enabled = True
+    calibration = experiment.calibration_batches(config, info.num_train_examples)
+    return evaluate.Evaluator(model, parallel.create_mesh()).precise_stats(variables, calibration)
+
+
+def with_precise_stats(run: Run) -> Run:
+    """`run`, with precise statistics computed as training would (with its config's
+    calibration settings) if it was evaluated without them."""
+    if run.eval_batch_stats is not None:
+        return run
+    return dataclasses.replace(run, eval_batch_stats=_precise_stats(
+        run.config, run.model, run.info, run.variables))
 
 
 def restore_variables(workdir: str, step: int, model: nn.Module,
@@ -126,28 +177,29 @@ def _probabilities(model: nn.Module, variables: Variables, images: jax.Array,
     return jax.nn.softmax(logits.astype(jnp.float32))
 
 
-def probabilities(run: Run, images: np.ndarray | jax.Array,
-                  column: int | None = None) -> jax.Array:
+def probabilities(run: Run, images: np.ndarray | jax.Array, column: int | None = None,
+                  bn: str = "precise") -> jax.Array:
     """Returns the eval-mode class probabilities (N, num_classes) of a batch of images.
 
-    `column` runs one FractalNet column alone (None: the full network). Compiled once per
-    model, column and batch shape (the model is a static, hashable argument), so every
-    equal-sized batch of every run of the same model reuses one program.
+    `column` runs one FractalNet column alone (None: the full network), with the BatchNorm
+    statistics `bn` names (`network_variables`). Compiled once per model, column and batch
+    shape (the model is a static, hashable argument), so every equal-sized batch of every run of
+    the same model reuses one program.
     """
-    return _probabilities(run.model, run.variables, images, column)
+    return _probabilities(run.model, network_variables(run, column, bn), images, column)
 
 
-def predict(run: Run, batches: Iterable[pipeline.Batch],
-            column: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def predict(run: Run, batches: Iterable[pipeline.Batch], column: int | None = None,
+            bn: str = "precise") -> tuple[np.ndarray, np.ndarray]:
     """Returns (probabilities (N, num_classes), labels (N,)) over the real rows of `batches`.
 
-    `column` predicts with one FractalNet column alone. Padding rows (mask False) are dropped,
-    so N is the number of examples in the split.
+    `column` predicts with one FractalNet column alone, with the BatchNorm statistics `bn`
+    names. Padding rows (mask False) are dropped, so N is the number of examples in the split.
     """
     probs, labels = [], []
     for batch in batches:
         mask = np.asarray(batch["mask"], bool)
-        probs.append(np.asarray(probabilities(run, batch["image"], column))[mask])
+        probs.append(np.asarray(probabilities(run, batch["image"], column, bn))[mask])
         labels.append(np.asarray(batch["label"])[mask])
     return np.concatenate(probs), np.concatenate(labels)
 

@@ -44,7 +44,8 @@ def saliency(run: Run, images: np.ndarray, classes: np.ndarray) -> np.ndarray:
 
     Large values mark the pixels whose change would most move that class's score.
     """
-    grads = _input_gradients(run.model, run.variables, jnp.asarray(images, jnp.float32),
+    grads = _input_gradients(run.model, runs_lib.network_variables(run),
+                             jnp.asarray(images, jnp.float32),
                              jnp.asarray(classes, jnp.int32))
     return np.asarray(jnp.abs(grads).max(axis=-1))
 

@@ -17,6 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from fractal_jax.analysis.plots import column_numbers, format_mean_std, mean_std
+from fractal_jax.training.evaluate import STORED_PREFIX
 
 CSV_FILE, MARKDOWN_FILE, PLOT_FILE = "sweep_results.csv", "sweep_results.md", "sweep_results.png"
 
@@ -32,9 +33,12 @@ class Row:
 
 
 def networks(record: dict) -> list[tuple[str, str]]:
-    """(metric key, label) of the full network and of every column in a member record."""
+    """(metric key, label) of the full network and of every column in a member record, then of
+    the full network with the running BatchNorm statistics of training, where recorded."""
+    stored = f"{STORED_PREFIX}accuracy"
     return [("accuracy", "full network")] + [
-        (f"accuracy/column_{k}", f"column {k}") for k in column_numbers(record)]
+        (f"accuracy/column_{k}", f"column {k}") for k in column_numbers(record)] + (
+        [(stored, "full network (stored BN)")] if stored in record else [])
 
 
 def summarize(records: list[dict]) -> list[Row]:

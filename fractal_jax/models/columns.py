@@ -61,7 +61,8 @@ def column_network(model: FractalNet, column: int) -> PlainNet:
                    for i, b in enumerate(schedule.blocks))
     shared = {f: getattr(model, f) for f in (
         "num_classes", "num_blocks", "widths", "dropout", "dropout_position", "dropout_type",
-        "head", "stem", "pool_last_block", "bn_momentum", "bn_affine", "weight_init", "dtype", "remat")}
+        "head", "stem", "pool_last_block", "bn_momentum", "bn_affine", "bn_bias_correction",
+        "weight_init", "dtype", "remat")}
     return PlainNet(units_per_block=depths, **shared)
 
 
@@ -69,8 +70,10 @@ def extract_column(model: FractalNet, variables: Variables, column: int
                    ) -> tuple[PlainNet, Variables]:
     """Column `column` of a FractalNet as a standalone PlainNet and its own copy of the variables.
 
-    The result's output equals ``model.apply(variables, x, column=column)`` in both modes; running
-    BatchNorm statistics are the full network's (re-estimate them with the anytime experiment).
+    The result's output equals ``model.apply(variables, x, column=column)`` in both modes, with
+    the BatchNorm statistics of `variables`: pass the column's own precise statistics
+    (`analysis.runs.network_variables(run, column)`), not the running statistics of training,
+    which describe neither the column nor the full network.
     """
     schedule = model.network_schedule
     plain = column_network(model, column)

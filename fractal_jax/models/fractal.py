@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from fractal_jax.checks import check_choice
 from fractal_jax.models import drop_path
+from fractal_jax.models.batch_norm import BatchNorm
 from fractal_jax.models.layers import ImageNetStem
 from fractal_jax.models.schedule import BlockSchedule, NetworkSchedule
 
@@ -80,7 +81,11 @@ def max_pool(x: jax.Array) -> jax.Array:
 
 
 class ConvUnit(nn.Module):
-    """3×3 conv (no bias) → BatchNorm → ReLU, with dropout before BN ([Caffe]) or after ReLU."""
+    """3×3 conv (no bias) → BatchNorm → ReLU, with dropout before BN ([Caffe]) or after ReLU.
+
+    BatchNorm keeps bias-corrected running statistics (`batch_norm.BatchNorm`, Caffe's rule);
+    ``bn_bias_correction=False`` is flax's uncorrected rule, as an ablation.
+    """
 
     features: int
     dropout_rate: float = 0.0
@@ -88,6 +93,7 @@ class ConvUnit(nn.Module):
     dropout_type: str = "element"
     bn_momentum: float = 0.9
     bn_affine: bool = True
+    bn_bias_correction: bool = True
     kernel_init: Callable = default_kernel_init
     dtype: str = "float32"
 
@@ -103,9 +109,11 @@ class ConvUnit(nn.Module):
                     kernel_init=self.kernel_init, dtype=self.dtype)(x)
         if self.dropout_position == "before_bn":
             x = self._dropout(x, train)
-        # BatchNorm computes its statistics in float32 whatever `dtype` is (flax promotes them).
-        x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                         use_scale=self.bn_affine, use_bias=self.bn_affine, dtype=self.dtype)(x)
+        # BatchNorm computes its statistics in float32 whatever `dtype` is.
+        norm = BatchNorm if self.bn_bias_correction else nn.BatchNorm
+        x = norm(use_running_average=not train, momentum=self.bn_momentum,
+                 use_scale=self.bn_affine, use_bias=self.bn_affine, dtype=self.dtype,
+                 name="BatchNorm_0")(x)
         x = nn.relu(x)
         if self.dropout_position == "after_relu":
             x = self._dropout(x, train)
@@ -197,6 +205,7 @@ class ConvNet(nn.Module):
     pool_last_block: bool = True
     bn_momentum: float = 0.9
     bn_affine: bool = True
+    bn_bias_correction: bool = True
     weight_init: str = "xavier"
     dtype: str = "float32"
     remat: bool = False
@@ -253,7 +262,9 @@ class ConvNet(nn.Module):
                                  dropout_rate=self.dropout_rates[block],
                                  dropout_position=self.dropout_position,
                                  dropout_type=self.dropout_type, bn_momentum=self.bn_momentum,
-                                 bn_affine=self.bn_affine, kernel_init=INITS[self.weight_init],
+                                 bn_affine=self.bn_affine,
+                                 bn_bias_correction=self.bn_bias_correction,
+                                 kernel_init=INITS[self.weight_init],
                                  dtype=self.dtype)
 
     def apply_stem(self, x: jax.Array, train: bool) -> jax.Array:
@@ -323,14 +334,21 @@ class FractalNet(ConvNet):
 
 
 def keep_live_batch_stats(model: FractalNet, new: dict, old: dict, plan) -> dict:
-    """`new` BatchNorm statistics, except that units the per-batch `plan` leaves dead keep `old`.
+    """`new` BatchNorm statistics, except that units the `plan` leaves dead keep `old`.
 
     A dead unit's output never reaches the loss, so the statistics after a step that computes
     and masks it equal those of a step that skips it (training/programs.py) only if its
     statistics do not move either: the plan decides what was trained, not what happened to run.
+    Under a per-sample plan a unit is dead when it is dead for every example.
     """
+    schedule = model.network_schedule
+    if drop_path.is_per_sample(plan):
+        per_example = jax.vmap(lambda p: drop_path.live_units(p, schedule))(plan)
+        units = jax.tree.map(lambda alive: alive.any(0), per_example)
+    else:
+        units = drop_path.live_units(plan, schedule)
     stats = dict(new)
-    for b, live in enumerate(drop_path.live_units(plan, model.network_schedule)):
+    for b, live in enumerate(units):
         name = f"block_{b}"
         block = dict(new[name])
         for (k, p), alive in live.items():

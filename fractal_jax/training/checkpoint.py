@@ -1,8 +1,10 @@
 """Orbax checkpoints that hold everything needed to continue a run bit for bit.
 
-Each save is one step directory `WORKDIR/checkpoints/<step>/` with two items: `state` (the train
-state pytree: params, batch stats, optimizer state, step, drop-path rates) and `metadata` (JSON:
-config, data position, versions). This module is the only reader and writer of that layout. Orbax writes a step into a temporary directory and renames it to
+Each save is one step directory `WORKDIR/checkpoints/<step>/` with the items `state` (the train
+state pytree: params, batch stats, optimizer state, step, drop-path rates), `metadata` (JSON:
+config, data position, versions) and, at steps that were evaluated, `eval_batch_stats` (the
+BatchNorm statistics each evaluated network was measured with, by network name: see
+`evaluate.py`). This module is the only reader and writer of that layout. Orbax writes a step into a temporary directory and renames it to
 `<step>` only once every file is on disk, and it deletes the checkpoints its retention policy
 drops only after that rename; so a crash or a failed write mid-save never costs the previous good
 checkpoint. A step that cannot be restored is moved to `WORKDIR/damaged_checkpoints/`, never
@@ -24,6 +26,7 @@ PyTree = Any
 T = TypeVar("T")
 
 CHECKPOINT_DIR = "checkpoints"
+EVAL_STATS_ITEM = "eval_batch_stats"
 DAMAGED_DIR = "damaged_checkpoints"
 # What Orbax and TensorStore raise for missing, truncated or unparseable files in a step
 # directory (JSONDecodeError and TensorStore's DATA_LOSS / NOT_FOUND are ValueErrors; a missing
@@ -125,11 +128,13 @@ class Checkpointer:
         self._saving: int | None = None  # the step of the save in flight, for error messages
 
     def save(self, step: int, state: PyTree, *, metadata: Mapping[str, Any],
-             metrics: Mapping[str, float] | None = None, force: bool = False) -> bool:
+             metrics: Mapping[str, float] | None = None,
+             eval_batch_stats: PyTree | None = None, force: bool = False) -> bool:
         """Starts saving `state` and `metadata` as step `step`; returns False if Orbax skipped it.
 
         A step at or below the latest saved one is skipped unless `force`. `metrics` rank the
         checkpoint for `keep_best`; a checkpoint saved without them is kept by recency only.
+        `eval_batch_stats` (the statistics `metrics` were computed with) are saved beside them.
         """
         # Orbax serialises JSON in a background thread, where a bad value would only surface at
         # the next wait; check here so the error points at the caller.
@@ -138,8 +143,10 @@ class Checkpointer:
             if self._best_metric is not None and self._best_metric not in metrics:
                 raise ValueError(f"metrics lack best_metric {self._best_metric!r}: {sorted(metrics)}")
             metrics = {name: float(value) for name, value in metrics.items()}
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  metadata=ocp.args.JsonSave(dict(metadata)))
+        items = dict(state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(dict(metadata)))
+        if eval_batch_stats is not None:
+            items[EVAL_STATS_ITEM] = ocp.args.StandardSave(eval_batch_stats)
+        args = ocp.args.Composite(**items)
         self.wait()  # reports a failure of the previous save under its own step
         self._saving = step
         with self._save_errors():
@@ -241,15 +248,27 @@ class Checkpointer:
         self.close()
 
 
-def read_state(workdir: str, step: int) -> PyTree:
-    """Returns the train state saved at `step` as it was saved (no target: NumPy arrays), for
-    analysis of a finished run. Raises CheckpointError if its files cannot be read."""
-    path = os.path.join(checkpoint_dir(workdir), str(step), "state")
+def _read_item(workdir: str, step: int, item: str) -> PyTree:
+    path = os.path.join(checkpoint_dir(workdir), str(step), item)
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            return checkpointer.restore(path)
+            return checkpointer.restore(path)  # no target: as saved, NumPy arrays
     except _RESTORE_ERRORS as error:
         raise CheckpointError(f"checkpoint {path} cannot be restored: {error}") from error
+
+
+def read_state(workdir: str, step: int) -> PyTree:
+    """Returns the train state saved at `step` as it was saved, for analysis of a finished run.
+    Raises CheckpointError if its files cannot be read."""
+    return _read_item(workdir, step, "state")
+
+
+def read_eval_batch_stats(workdir: str, step: int) -> PyTree | None:
+    """Returns the BatchNorm statistics that the evaluation saved with `step` was computed with,
+    by network name, or None if that step was not evaluated (or saved without them)."""
+    if not os.path.isdir(os.path.join(checkpoint_dir(workdir), str(step), EVAL_STATS_ITEM)):
+        return None
+    return _read_item(workdir, step, EVAL_STATS_ITEM)
 
 
 def saved_steps(workdir: str) -> list[int]:

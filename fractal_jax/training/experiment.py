@@ -2,6 +2,7 @@
 model, the dataset's facts and batches, the checkpoint metadata and the workdir checks."""
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import time
@@ -9,6 +10,7 @@ from typing import Any, Iterator
 
 import jax
 import ml_collections
+import numpy as np
 
 import fractal_jax
 from fractal_jax import config as config_lib
@@ -73,6 +75,25 @@ def eval_batches(config: ml_collections.ConfigDict) -> Iterator[pipeline.Batch]:
     return pipeline.eval_batches(config.dataset, batch_size=config.eval_batch_size,
                                  split=config.data.eval_split,
                                  train_split=config.data.train_split, **_data_kwargs(config))
+
+
+def calibration_batches(config: ml_collections.ConfigDict, num_train_examples: int,
+                        seed: int | None = None) -> list[np.ndarray] | None:
+    """The calibration set of precise BatchNorm statistics (`evaluate.py`), None when
+    precise_bn is off: the first precise_bn.num_examples training examples (at most the split)
+    in the order of `seed` (default: the config's), unaugmented and normalised as in training,
+    in batches of precise_bn.batch_size (default: all in one); each host's slice."""
+    if not config.precise_bn.enabled:
+        return None
+    count = min(config.precise_bn.num_examples, num_train_examples)
+    batch_size = config.precise_bn.batch_size or count - count % jax.device_count()
+    parallel.check_batch_size(batch_size, "precise_bn.batch_size")
+    num_batches = max(1, count // batch_size)
+    batches = pipeline.train_batches(
+        config.dataset, global_batch_size=batch_size, seed=config.seed if seed is None else seed,
+        start_step=0, num_steps=num_batches, augment="none", split=config.data.train_split,
+        **_data_kwargs(config))
+    return [b["image"] for b in itertools.islice(batches, num_batches)]
 
 
 def checkpoint_metadata(config: ml_collections.ConfigDict, step: int, *, data_seed: int,

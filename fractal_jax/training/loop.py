@@ -85,10 +85,25 @@ class Trainer:
         self.mesh = parallel.create_mesh()
         self.programs = programs.Programs(model, config, self.mesh)
         self.evaluator = evaluate.Evaluator(model, self.mesh)
+        self._num_train_examples = info.num_train_examples
+        self._calibration: dict[int, list[np.ndarray] | None] = {}
         self._init = jax.jit(
             functools.partial(create_train_state, model, self.tx,
                               input_shape=(1, *info.image_shape)),
             out_shardings=parallel.replicated(self.mesh))
+
+    def calibration(self, data_seed: int) -> list[np.ndarray] | None:
+        """The calibration set of a run reading the batch order of `data_seed` (read once)."""
+        if data_seed not in self._calibration:
+            self._calibration[data_seed] = experiment.calibration_batches(
+                self.config, self._num_train_examples, seed=data_seed)
+        return self._calibration[data_seed]
+
+    def evaluate(self, state: TrainState, run: RunSpec
+                 ) -> tuple[dict[str, float], dict | None]:
+        """The run's eval metrics and the precise statistics they were computed with."""
+        return self.evaluator({"params": state.params, "batch_stats": state.batch_stats},
+                              experiment.eval_batches(self.config), self.calibration(run.data_seed))
 
     def init_state(self, config: ml_collections.ConfigDict) -> TrainState:
         """The initial state of the run with `config`'s seed and rates (steps fold in 1, 2, ...)."""
@@ -108,8 +123,7 @@ class Trainer:
             if start < self.config.num_train_steps:
                 return self._train(runs, checkpointers, states, start, skipped, strategy)
             split = self.config.data.eval_split
-            return [final_eval(r.workdir, split)
-                    or self.evaluator(s, experiment.eval_batches(self.config))
+            return [final_eval(r.workdir, split) or self.evaluate(s, r)[0]
                     for r, s in zip(runs, states)]
         finally:
             for checkpointer in checkpointers:
@@ -176,10 +190,10 @@ class Trainer:
                 records.add(*pending)
                 pending = None
                 split_states = runner.split(state)
-                evals = [None] * len(runs)
+                evals = precise = [None] * len(runs)
                 if evaluate_now:
-                    evals = [self.evaluator(s, experiment.eval_batches(config))
-                             for s in split_states]
+                    evals, precise = zip(*[self.evaluate(s, r)
+                                           for s, r in zip(split_states, runs)])
                     for writer, metrics in zip(writers, evals):
                         writer.write(step, config.data.eval_split, metrics)
                     bar.write(f"step {step}: {_eval_summary(evals)}")
@@ -187,23 +201,27 @@ class Trainer:
                     for i, (checkpointer, run) in enumerate(zip(checkpointers, runs)):
                         if step in checkpointer.all_steps():  # written before an interruption
                             continue
-                        checkpointer.save(step, split_states[i], metrics=evals[i],
-                                          metadata=experiment.checkpoint_metadata(
-                                              run.config, step, data_seed=run.data_seed,
-                                              nonfinite_skipped=int(skipped[i])))
+                        metadata = experiment.checkpoint_metadata(
+                            run.config, step, data_seed=run.data_seed,
+                            nonfinite_skipped=int(skipped[i]))
+                        checkpointer.save(step, split_states[i], metadata=metadata,
+                                          metrics=evals[i], eval_batch_stats=precise[i])
             if pending is not None:
                 records.add(*pending)
         finally:
             bar.close()
             for writer in writers:
                 writer.close()
-        return evals
+        return list(evals)
 
 
 def _eval_summary(evals: list[dict[str, float]]) -> str:
     """The accuracies of one run, or the spread of the full networks' over several."""
     if len(evals) == 1:
-        return ", ".join(f"{k}={v:.4f}" for k, v in evals[0].items() if k.startswith("accuracy"))
+        stored = {k[len(evaluate.STORED_PREFIX):]: v for k, v in evals[0].items()
+                  if k.startswith(evaluate.STORED_PREFIX)}
+        return ", ".join(f"{k}={v:.4f}" + (f" (stored BN {stored[k]:.4f})" if k in stored else "")
+                         for k, v in evals[0].items() if k.startswith("accuracy"))
     accuracy = [e["accuracy"] for e in evals]
     return (f"full-network accuracy of {len(evals)} runs: mean {np.mean(accuracy):.4f}, "
             f"min {min(accuracy):.4f}, max {max(accuracy):.4f}")

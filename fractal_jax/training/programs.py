@@ -11,7 +11,8 @@ compiled for the device mesh on first use:
   p_global, else local; per batch, or per sample), every unit computed. Also every step of a
   model without drop-path.
 
-A FractalNet with per-batch plans and ``drop_path.skip`` (the default) skips dead work: whether
+A FractalNet with per-batch plans and ``drop_path.skip`` (the default; it needs
+``drop_path.bn_update="live"``) skips dead work: whether
 step s is global, and which column it keeps, is the draw `drop_path.sample` makes from the plan
 key; `plan_kinds` makes it on the host ahead of time, and step s runs ``column c`` or ``local``
 (`SkippingStep`), training exactly what ``sampled`` trains (tests/test_skipping.py). Otherwise
@@ -50,7 +51,7 @@ def step_key(seed: int, step: int) -> jax.Array:
 
 
 def sampled_step(state: TrainState, batch: steps.Batch, key: jax.Array, *, model,
-                 per_sample: bool = False, local: bool = False,
+                 per_sample: bool = False, local: bool = False, bn_update: str = "live",
                  skip_nonfinite: bool = False) -> tuple[TrainState, steps.Metrics]:
     """`steps.train_step` of the plan drawn from `key` with the state's rates (only the local
     plan with `local`); models without drop-path get only the dropout key."""
@@ -64,7 +65,7 @@ def sampled_step(state: TrainState, batch: steps.Batch, key: jax.Array, *, model
             plan = drop_path.sample(plan_key, schedule, rates["p_local"], rates["p_global"],
                                     batch_size=batch["image"].shape[0] if per_sample else None)
     return steps.train_step(state, batch, dropout_key, model=model, plan=plan,
-                            skip_nonfinite=skip_nonfinite)
+                            bn_update=bn_update, skip_nonfinite=skip_nonfinite)
 
 
 def column_step(state: TrainState, batch: steps.Batch, key: jax.Array, *, model: FractalNet,
@@ -113,6 +114,7 @@ class Programs:
     def __init__(self, model, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
         self.model, self.mesh = model, mesh
         self.per_sample = config.drop_path.per_sample
+        self.bn_update = config.drop_path.bn_update
         self.skip_nonfinite = config.nonfinite == "skip"
         self.skips = (config.drop_path.skip and isinstance(model, FractalNet)
                       and not self.per_sample)
@@ -125,7 +127,8 @@ class Programs:
         return self._compiled[name]
 
     def sampled(self) -> Callable:
-        return self._compile("sampled", sampled_step, per_sample=self.per_sample)
+        return self._compile("sampled", sampled_step, per_sample=self.per_sample,
+                             bn_update=self.bn_update)
 
     def for_kind(self, kind: int | None) -> Callable:
         """``column c`` for a global plan kind c, ``local`` for None."""
@@ -144,7 +147,7 @@ class Programs:
     def vmapped(self, data_index: np.ndarray) -> Callable:
         """K members' ``sampled`` steps in one program (`vmapped_step`)."""
         return parallel.jit_train_step(functools.partial(
-            vmapped_step, model=self.model, per_sample=self.per_sample,
+            vmapped_step, model=self.model, per_sample=self.per_sample, bn_update=self.bn_update,
             skip_nonfinite=self.skip_nonfinite, data_index=data_index), self.mesh)
 
 

@@ -25,13 +25,16 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def train_step(state: TrainState, batch: Batch, dropout_key: jax.Array, *, model: nn.Module,
                plan: drop_path.Plan | None = None, column: int | None = None,
+               bn_update: str = "live",
                skip_nonfinite: bool = False) -> tuple[TrainState, Metrics]:
     """One SGD step; returns the new state and the batch's loss, accuracy and gradient norm.
 
     A FractalNet trains the network that `plan` (a drop-path plan, traced) or `column` (static:
     that column alone, computing only its units) names; with neither, every join takes all its
-    inputs. Units a per-batch plan leaves dead keep their BatchNorm statistics, so a column
-    step equals the step of that column's global plan (`programs.py` relies on it).
+    inputs. `bn_update` says whose BatchNorm statistics a plan's step updates: "live" (units
+    the plan leaves dead keep theirs, so a column step equals the step of that column's global
+    plan, which `programs.py` relies on to skip dead work) or "all" (every unit computed,
+    every unit updated, as in Caffe).
 
     `skip_nonfinite`: a step with a non-finite loss or gradient leaves parameters, optimiser
     and BatchNorm state unchanged (the step count still advances, keeping later keys aligned)
@@ -51,7 +54,7 @@ def train_step(state: TrainState, batch: Batch, dropout_key: jax.Array, *, model
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     batch_stats = updates.get("batch_stats", {})
-    if plan is not None and not drop_path.is_per_sample(plan):
+    if plan is not None and bn_update == "live":
         batch_stats = keep_live_batch_stats(model, batch_stats, state.batch_stats, plan)
     grad_norm = optax.global_norm(grads)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
@@ -66,15 +69,16 @@ def train_step(state: TrainState, batch: Batch, dropout_key: jax.Array, *, model
     return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: Batch, *, column: int | None = None) -> Metrics:
+def eval_step(variables: dict, batch: Batch, *, model: nn.Module,
+              column: int | None = None) -> Metrics:
     """Sums of loss and correct predictions over the batch's real (mask) examples.
 
-    `column` evaluates one FractalNet column alone; sums (not means) let padded batches and
-    several devices add up exactly.
+    `variables` are {"params", "batch_stats"}: the statistics decide which network is measured
+    (`evaluate.py`). `column` evaluates one FractalNet column alone; sums (not means) let padded
+    batches and several devices add up exactly.
     """
     kwargs = {} if column is None else {"column": column}
-    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
-                            batch["image"], train=False, **kwargs)
+    logits = model.apply(variables, batch["image"], train=False, **kwargs)
     mask = batch["mask"].astype(jnp.float32)
     return {"loss_sum": (cross_entropy(logits, batch["label"]) * mask).sum(),
             "correct": ((logits.argmax(-1) == batch["label"]) * mask).sum(),
