@@ -62,7 +62,8 @@ def test_a_loaded_run_predicts_with_the_statistics_its_accuracy_came_from(run, t
 @pytest.mark.parametrize("column", [2, None])
 def test_precise_statistics_of_one_batch_make_eval_mode_compute_train_mode(run, column):
     x = experiment.calibration_batches(run.config, run.info.num_train_examples)
-    assert len(x) == 1 and x[0].shape == (run.info.num_train_examples, 8, 8, 1)
+    count = min(run.config.precise_bn.num_examples, run.info.num_train_examples)
+    assert len(x) == 1 and x[0].shape == (count, 8, 8, 1)
     mesh = parallel.create_mesh()
     stats = evaluate.Evaluator(run.model, mesh).precise_stats(run.variables, x)
     params = run.variables["params"]

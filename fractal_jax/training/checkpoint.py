@@ -237,8 +237,14 @@ class Checkpointer:
             self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for pending saves and releases Orbax's background resources."""
-        self.wait()
+        """Waits for pending saves and releases Orbax's background resources, also after a
+        failed save (so no abandoned writer is left to race a later run on the directory)."""
+        try:
+            self.wait()
+        except CheckpointSaveError:
+            with contextlib.suppress(Exception):  # the failed save's error is the one to report
+                self._manager.close()
+            raise
         self._manager.close()
 
     def __enter__(self) -> "Checkpointer":
