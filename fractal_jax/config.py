@@ -21,7 +21,8 @@ DATASETS = ("digits", "cifar10", "cifar100", "svhn_cropped", "imagenet2012", "im
 # Keys that may change between a run and its resumption without changing the experiment.
 RESUMABLE_KEYS = ("num_train_steps", "eval_every_steps", "checkpoint_every_steps",
                   "log_every_steps", "keep_checkpoints", "data_dir", "progress_bar",
-                  "eval_batch_size", "drop_path.skip", "model.remat", "nonfinite")
+                  "eval_batch_size", "drop_path.skip", "model.remat", "model.conv_impl",
+                  "model.pool_impl", "nonfinite")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -44,7 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
         dropout=ph(tuple), dropout_position=ph(str), dropout_type=ph(str), join_order=ph(str),
         join=ph(str), head=ph(str), stem=ph(str), pool_last_block=ph(bool), bn_momentum=ph(float),
         bn_affine=ph(bool), depth=ph(int), stochastic_depth_rate=ph(float), weight_init=ph(str),
-        dtype=ph(str), remat=ph(bool)))
+        dtype=ph(str), remat=ph(bool), conv_impl=ph(str),
+        pool_impl=ph(str)))
     # skip: steps under a global plan compute only the kept column (same results, faster).
     c.drop_path = ml_collections.ConfigDict(dict(p_local=0.15, p_global=0.5, per_sample=False,
                                                  skip=True))

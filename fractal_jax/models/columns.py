@@ -23,12 +23,13 @@ class PlainBlock(nn.Module):
     depth: int
     unit: Callable[..., ConvUnit]
     pool: bool = True
+    pool_impl: str = "slices"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         for i in range(self.depth):
             x = self.unit(name=f"unit_{i}")(x, train)
-        return max_pool(x) if self.pool else x
+        return max_pool(x, self.pool_impl) if self.pool else x
 
 
 class PlainNet(ConvNet):
@@ -48,8 +49,8 @@ class PlainNet(ConvNet):
         block_cls = self.block_class(PlainBlock, static_argnums=(2,))  # train
         outputs = []
         for b, depth in enumerate(self.units_per_block):
-            x = block_cls(depth, self.unit_factory(b), self.pools_after(b), name=f"block_{b}")(
-                x, train)
+            x = block_cls(depth, self.unit_factory(b), self.pools_after(b), self.pool_impl,
+                          name=f"block_{b}")(x, train)
             outputs.append(x)
         return tuple(outputs) if features else self.apply_head(x)
 
@@ -61,7 +62,8 @@ def column_network(model: FractalNet, column: int) -> PlainNet:
                    for i, b in enumerate(schedule.blocks))
     shared = {f: getattr(model, f) for f in (
         "num_classes", "num_blocks", "widths", "dropout", "dropout_position", "dropout_type",
-        "head", "stem", "pool_last_block", "bn_momentum", "bn_affine", "weight_init", "dtype", "remat")}
+        "head", "stem", "pool_last_block", "bn_momentum", "bn_affine", "weight_init", "dtype", "remat",
+        "conv_impl", "pool_impl")}
     return PlainNet(units_per_block=depths, **shared)
 
 
