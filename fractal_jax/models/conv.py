@@ -18,9 +18,9 @@ import jax.numpy as jnp
 
 CONV_IMPLS = ("auto", "xla", "patches")
 # Where "auto" uses patches on CPU. Measured on a 2-core CPU, 3×3 convolutions forward +
-# backward, batch 32 (BENCHMARKS.md, "convolution per shape"): patches ran 7.5× faster on 2×2
-# maps and 1.5× on 3-channel image inputs; XLA's convolution won everywhere else (0.24-0.9×,
-# 4×4 maps included).
+# backward, batch 32 (`experiments/benchmark.py --kernels` times every shape): patches ran
+# 7.5× faster on 2×2 maps and 1.5× on 3-channel image inputs; XLA's convolution won everywhere
+# else (patches 0.24-0.9×, 4×4 maps included).
 PATCHES_MAX_PIXELS = 4
 PATCHES_MAX_IN_FEATURES = 3
 

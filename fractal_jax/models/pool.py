@@ -3,7 +3,8 @@
 `nn.max_pool` lowers to a reduce-window whose gradient XLA:CPU computes with a variadic
 reduce-window that tracks argmax indices (iota tensors); in the FractalNet-20 train step that was
 28% of all op time. The maximum of the four strided slices has the same forward value and the same
-gradient except at exact ties, and ran 4-12× faster forward + backward (BENCHMARKS.md).
+gradient except at exact ties, and ran 4-12× faster forward + backward
+(`experiments/benchmark.py --kernels`).
 """
 from __future__ import annotations
 
