@@ -1,18 +1,29 @@
 """Speed and memory of FractalNet training on this machine, measured side by side in one run.
 
     python experiments/benchmark.py            # the CIFAR FractalNet-20 shape (widths 64..512)
-    python experiments/benchmark.py --quick    # widths 16..128: a few minutes on a 2-core CPU
+    python experiments/benchmark.py --quick    # widths 16..128, on a 2-core CPU
+    python experiments/benchmark.py --quick --profile   # plus an op-time breakdown
 
 Measures train images/s with the full, local-only, global-only and paper-mixed drop-path plans,
-with skipping dead work on and off (`training/programs.py`), the one-program `lax.switch`
-alternative, bfloat16 compute and rematerialisation; eval images/s; compile time; memory; a
-K-model vmapped sweep step against K sequential steps; and (with `--flags`) XLA flag sets, each
-in its own process. Every configuration repeats the same window of steps (so skip on and off
-see the same plans) and reports the median images/s and the spread (min..max) over windows.
+with skipping dead work on and off (`training/programs.py`), and the full and paper-mixed steps
+of the code path before per-shape convolutions and slice max-pools ("current code":
+`conv_impl="xla"`, `pool_impl="reduce_window"`); eval images/s; a K-model vmapped sweep step
+(XLA's grouped convolutions, or patches + batched matmuls) against K sequential steps; a large
+matmul, whose FLOP/s each train row is compared with; the real training loop (`loop.train`)
+against the isolated step over the same steps; compile time and memory; the share of local-step
+work that extra programs could skip (`models/local_skip.py`); with `--profile` the op time per
+category (convolution, BatchNorm, pooling, ...) of a full, a single-column and a local step; and
+with `--flags` XLA flag sets, each in its own process.
+
+Variants are timed in interleaved rounds (one window of every variant per round) and every ratio
+is the median of its per-round ratios, reported with its spread: on a shared machine the load
+changes between windows, and a ratio of windows timed minutes apart moves with it.
 
 Writes OUT/BENCHMARKS.md and OUT/benchmarks.json (hardware, versions, flags, every row). The
-last line printed is one JSON object with ``skip_speedup`` (paper-mixed plan, skipping on ÷
-off) and ``vmap_speedup`` (K models vmapped ÷ K sequential steps, per model).
+last line printed is one JSON object of the ratios, among them ``skip_speedup`` (paper mix,
+skipping on ÷ off), ``paper_mix_speedup`` and ``full_speedup`` (default ÷ current code path),
+``matmul_fraction`` (paper-mix train FLOP/s ÷ large-matmul FLOP/s), ``vmap_speedup`` (K models
+vmapped ÷ K sequential steps, per model) and ``loop_fraction`` (real loop ÷ isolated step).
 Absolute numbers depend on the machine and its load; the ratios are what to compare.
 """
 import os
@@ -23,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import argparse  # noqa: E402
+import collections  # noqa: E402
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
@@ -140,21 +152,44 @@ class Programs:
 PROGRAMS = Programs()
 
 
-def _time_windows(run_window: Callable[[], None], setup: Setup) -> list[float]:
-    """Seconds of each timed window, after one untimed warm-up window."""
-    run_window()
-    times = []
+@dataclasses.dataclass
+class Variant:
+    """One measured configuration: `window()` runs `images` images' worth of work (blocking
+    until done) and may return the seconds to count, if not all of its time; `flops` is the
+    reference FLOP count of one window (see `step_flops`)."""
+
+    name: str
+    window: Callable[[], float | None]
+    images: int
+    cost: dict
+    flops: float | None = None
+
+
+def measure(variants: list[Variant], setup: Setup) -> list[dict]:
+    """Rows of `variants` timed in interleaved rounds (A B C ... A B C ...): one untimed warm-up
+    window each, then `setup.windows` rounds of one window of every variant. A ratio of two
+    rows is then the median of per-round ratios, so a change of machine load between rounds
+    moves both sides of it (`ratios`)."""
+    for v in variants:
+        v.window()
+    times: dict[str, list[float]] = {v.name: [] for v in variants}
     for _ in range(setup.windows):
-        start = time.perf_counter()
-        run_window()
-        times.append(time.perf_counter() - start)
-    return times
+        for v in variants:
+            start = time.perf_counter()
+            counted = v.window()
+            times[v.name].append(time.perf_counter() - start if counted is None else counted)
+    rows = [_row(v.name, v.images, times[v.name], **v.cost) for v in variants]
+    for row, v in zip(rows, variants):
+        if v.flops is not None:
+            row["gflops_per_s"] = [v.flops / t / 1e9 for t in times[v.name]]
+    return rows
 
 
 def _row(name: str, images_per_window: int, times: list[float], **extra) -> dict:
-    rates = sorted(images_per_window / t for t in times)
-    row = {"name": name, "images_per_s": statistics.median(rates), "min": rates[0],
-           "max": rates[-1], **extra}
+    rates = [images_per_window / t for t in times]  # in round order (for per-round ratios)
+    ordered = sorted(rates)
+    row = {"name": name, "images_per_s": statistics.median(rates), "min": ordered[0],
+           "max": ordered[-1], "rates": rates, **extra}
     print(f"{name}: {row['images_per_s']:,.1f} images/s", file=sys.stderr, flush=True)
     return row
 
@@ -165,82 +200,94 @@ def window_seed(setup: Setup, p_global: float = 0.5) -> int:
     `p_global` of global steps, spread evenly over the columns (each column within one step of
     its share). Short windows of an arbitrary seed can be far off (seed 0: 6 of 16 global)."""
     import numpy as np
-    from fractal_jax.training import programs
     schedule = _model(setup).network_schedule
     steps = np.arange(1, setup.steps_per_window + 1)
     share = len(steps) * p_global
     for seed in range(10_000):
-        kinds = programs.plan_kinds(seed, steps, schedule, p_global)
-        counts = [kinds.count(c) for c in range(1, schedule.max_columns + 1)]
+        modes = window_modes(seed, steps, schedule, p_global)
+        counts = [modes.count(c) for c in range(1, schedule.max_columns + 1)]
         if sum(counts) == round(share) and all(
                 abs(n - share / len(counts)) < 1 for n in counts):
             return seed
     raise ValueError(f"no seed gives an even plan mix over {len(steps)} steps")
 
 
-def bench_train(setup: Setup, name: str, *, p_local: float, p_global: float, skip: bool,
-                strategy: str = "host", **model_overrides) -> dict:
-    """Images/s of `steps_per_window` train steps with the given plan rates and strategy."""
-    import jax
+# The code path before per-shape convolutions and slice max-pools: XLA's own ops for both.
+CURRENT = dict(conv_impl="xla", pool_impl="reduce_window")
+
+
+def train_step(model, mode):
+    """The train step of a plan mode (`training/programs.py`): "sample" (the whole plan drawn in
+    the step, every unit computed), "local" (the local plan, masked) or a column alone."""
+    from fractal_jax.training import programs
+    if mode == "sample":
+        return functools.partial(programs.sampled_step, model=model)
+    if mode == "local":
+        return functools.partial(programs.sampled_step, model=model, local=True)
+    return functools.partial(programs.column_step, model=model, column=mode)
+
+
+def window_modes(seed: int, steps, schedule, p_global: float) -> list:
+    """The plan mode of each of `steps` of a run with `seed`: a column or "local"."""
+    from fractal_jax.training import programs
+    return ["local" if k is None else k
+            for k in programs.plan_kinds(seed, steps, schedule, p_global)]
+
+
+def step_flops(setup: Setup, modes) -> float:
+    """FLOPs of the train steps of `modes` ("sample" or a column), as XLA's cost analysis counts
+    them for the current code path's programs (XLA's convolution). One count for every variant,
+    so FLOP/s compare work done, whatever an implementation computes on padding."""
+    from fractal_jax.training import programs
+    model = _model(setup, **CURRENT)
+    state, batch = _state(model, setup, 0.15, 0.5), _batch(setup)
+    counts = collections.Counter(modes)
+    return sum(n * PROGRAMS.get((model, mode), train_step(model, mode), state, batch,
+                                programs.step_key(0, 1)).cost_analysis()["flops"]
+               for mode, n in counts.items())
+
+
+def train_variant(setup: Setup, name: str, *, p_local: float, p_global: float, skip: bool,
+                  first_step: int = 1, count_flops: bool = True, **model_overrides) -> Variant:
+    """`steps_per_window` train steps (steps first_step, first_step + 1, ... of the window
+    seed) with the given plan rates, skipping dead work or not; with `count_flops`, the
+    window's reference FLOPs (`step_flops`)."""
     import numpy as np
     from fractal_jax.training import programs
     model = _model(setup, **model_overrides)
     state = _state(model, setup, p_local, p_global)
     batch = _batch(setup)
     seed = window_seed(setup)
-    example = (state, batch, programs.step_key(seed, 1))
-    kinds = programs.plan_kinds(seed, np.arange(setup.steps_per_window + 1),
-                                model.network_schedule, p_global)
-    used = []
-
-    def step(kind):
-        """The train step of a plan kind (a column, None: local) or of every plan ("sampled")."""
-        if kind == "sampled":
-            return functools.partial(programs.sampled_step, model=model)
-        if kind is None:
-            return functools.partial(programs.sampled_step, model=model, local=True)
-        return functools.partial(programs.column_step, model=model, column=kind)
-
-    def build(kind):
-        used.append((model, kind))
-        return PROGRAMS.get(used[-1], step(kind), *example)
-
-    if strategy == "switch":  # one program: lax.switch over the per-kind steps
-        branches = [step(k) for k in [None, *range(1, model.network_schedule.max_columns + 1)]]
-        used.append((model, "switch"))
-        switched = PROGRAMS.get(used[-1], lambda s, b, k, i: jax.lax.switch(i, branches, s, b, k),
-                                *example, np.int32(0))
-
-        def step_fn(s, b, n):
-            return switched(s, b, programs.step_key(seed, n), np.int32(kinds[n] or 0))
-    elif skip:
-        def step_fn(s, b, n):
-            return build(kinds[n])(s, b, programs.step_key(seed, n))
-    else:
-        sampled = build("sampled")
-
-        def step_fn(s, b, n):
-            return sampled(s, b, programs.step_key(seed, n))
+    window_steps = range(first_step, first_step + setup.steps_per_window)
+    # Skipping runs each step's plan-mode program; otherwise every step draws its whole plan.
+    modes = (window_modes(seed, np.asarray(window_steps), model.network_schedule, p_global)
+             if skip else ["sample"] * len(window_steps))
+    used = [(model, mode) for mode in dict.fromkeys(modes)]
+    compiled = {mode: PROGRAMS.get((model, mode), train_step(model, mode), state, batch,
+                                   programs.step_key(seed, 1)) for mode in dict.fromkeys(modes)}
+    keys = [programs.step_key(seed, step) for step in window_steps]
     holder = {"state": state}
 
     def window():
         s = holder["state"]
-        for step in range(1, setup.steps_per_window + 1):
-            s, _ = step_fn(s, batch, step)
+        for mode, key in zip(modes, keys):
+            s, _ = compiled[mode](s, batch, key)
         holder["state"] = _block(s)
 
-    times = _time_windows(window, setup)
-    return _row(name, setup.batch_size * setup.steps_per_window, times,
-                **PROGRAMS.cost(dict.fromkeys(used)))
+    window()
+    modes = ["sample" if mode == "local" else mode for mode in modes]
+    flops = step_flops(setup, modes) if count_flops else None
+    return Variant(name, window, setup.batch_size * setup.steps_per_window,
+                   PROGRAMS.cost(dict.fromkeys(used)), flops)
 
 
-def bench_eval(setup: Setup) -> dict:
+def eval_variant(setup: Setup, name: str, **model_overrides) -> Variant:
     from fractal_jax.training import steps
-    model = _model(setup)
+    model = _model(setup, **model_overrides)
     state = _state(model, setup, 0.0, 0.0)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
     batch = _batch(setup)
     key = (model, "eval")
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
     fn = PROGRAMS.get(key, functools.partial(steps.eval_step, model=model), variables, batch,
                       donate=False)
 
@@ -249,28 +296,44 @@ def bench_eval(setup: Setup) -> dict:
             out = fn(variables, batch)
         _block(out)
 
-    return _row("eval, full network", setup.batch_size * setup.steps_per_window,
-                _time_windows(window, setup), **PROGRAMS.cost([key]))
+    return Variant(name, window, setup.batch_size * setup.steps_per_window,
+                   PROGRAMS.cost([key]))
 
 
-def bench_sweep(setup: Setup) -> tuple[dict, dict]:
-    """K models in one vmapped step (shared batch, own rates and keys) vs K sequential steps."""
+def matmul_variant(setup: Setup, size: int = 1024) -> Variant:
+    """A large float32 matmul: what FLOP/s XLA reaches on this machine under the same load."""
+    import jax.numpy as jnp
+    a = jnp.ones((size, size), jnp.float32)
+    key = ("matmul", size)
+    fn = PROGRAMS.get(key, lambda x: x @ x, a, donate=False)
+    repeats = 2 * setup.steps_per_window
+
+    def window():
+        for _ in range(repeats):
+            out = fn(a)
+        _block(out)
+
+    return Variant(f"matmul {size}×{size}×{size} (float32)", window, 0, PROGRAMS.cost([key]),
+                   flops=repeats * 2.0 * size ** 3)
+
+
+def sweep_variants(setup: Setup) -> list[Variant]:
+    """K models in one vmapped step (shared batch, own rates and keys), with XLA's convolution
+    and with every convolution as patches + (batched) matmul, against K sequential steps."""
     import jax
     import jax.numpy as jnp
     from fractal_jax.training import programs
     k = setup.sweep_models
-    model = _model(setup)
     batch = _batch(setup)
-    states = [_state(model, setup, 0.15, 0.5, seed=i) for i in range(k)]
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
     keys = [jnp.stack([programs.step_key(i, step) for i in range(k)])
             for step in range(1, setup.steps_per_window + 1)]
-    single_key, vmap_key = (model, "sample"), (model, f"vmap{k}")
-    single = PROGRAMS.get(single_key, functools.partial(programs.sampled_step, model=model),
-                          states[0], batch, programs.step_key(0, 1))
-    vmapped = PROGRAMS.get(vmap_key, jax.vmap(functools.partial(programs.sampled_step, model=model),
-                                              in_axes=(0, None, 0)), stacked, batch, keys[0])
-    holder = {"seq": states, "vmap": stacked}
+    images = k * setup.batch_size * setup.steps_per_window
+    model = _model(setup)
+    states = [_state(model, setup, 0.15, 0.5, seed=i) for i in range(k)]
+    single_key = (model, "sample")
+    single = PROGRAMS.get(single_key, train_step(model, "sample"), states[0], batch,
+                          programs.step_key(0, 1))
+    holder = {"seq": states}
 
     def sequential():
         out = []
@@ -280,18 +343,26 @@ def bench_sweep(setup: Setup) -> tuple[dict, dict]:
             out.append(s)
         holder["seq"] = _block(out)
 
-    def together():
-        s = holder["vmap"]
-        for step_keys in keys:
-            s, _ = vmapped(s, batch, step_keys)
-        holder["vmap"] = _block(s)
+    variants = [Variant(f"sweep: {k} models sequentially (masked step)", sequential, images,
+                        PROGRAMS.cost([single_key]))]
+    for label, overrides in (("", {}), (", conv patches", {"conv_impl": "patches"})):
+        vmodel = _model(setup, **overrides)
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[
+            _state(vmodel, setup, 0.15, 0.5, seed=i) for i in range(k)])
+        vmap_key = (vmodel, f"vmap{k}")
+        vmapped = PROGRAMS.get(vmap_key, jax.vmap(train_step(vmodel, "sample"),
+                                                  in_axes=(0, None, 0)), stacked, batch, keys[0])
+        box = {"state": stacked}
 
-    images = k * setup.batch_size * setup.steps_per_window
-    seq = _row(f"sweep: {k} models sequentially (masked step)", images,
-               _time_windows(sequential, setup), **PROGRAMS.cost([single_key]))
-    vm = _row(f"sweep: {k} models vmapped in one step", images, _time_windows(together, setup),
-              **PROGRAMS.cost([vmap_key]))
-    return seq, vm
+        def together(box=box, vmapped=vmapped):
+            s = box["state"]
+            for step_keys in keys:
+                s, _ = vmapped(s, batch, step_keys)
+            box["state"] = _block(s)
+
+        variants.append(Variant(f"sweep: {k} models vmapped in one step{label}", together,
+                                images, PROGRAMS.cost([vmap_key])))
+    return variants
 
 
 def compile_seconds(setup: Setup) -> float:
@@ -301,8 +372,7 @@ def compile_seconds(setup: Setup) -> float:
     model = _model(setup)
     state, batch = _state(model, setup, 0.15, 0.5), _batch(setup)
     start = time.perf_counter()
-    jax.jit(functools.partial(programs.sampled_step, model=model)).lower(
-        state, batch, programs.step_key(0, 1)).compile()
+    jax.jit(train_step(model, "sample")).lower(state, batch, programs.step_key(0, 1)).compile()
     return time.perf_counter() - start
 
 
@@ -332,10 +402,158 @@ def bench_compile_cache(setup: Setup) -> dict:
             "cached_s": times[1]}
 
 
+def kernel_shapes(setup: Setup) -> list[tuple[int, int, int]]:
+    """(map side, input channels, output channels) of every distinct 3×3 convolution of the
+    benchmark's FractalNet: each block's first units read the block input, the rest its width."""
+    shapes, cin = [], 3
+    for b, width in enumerate(setup.widths):
+        side = setup.image_size // 2 ** b
+        shapes += [(side, cin, width)] + ([(side, width, width)] if cin != width else [])
+        cin = width
+    return shapes
+
+
+def bench_kernels(setup: Setup) -> list[dict]:
+    """Forward + backward time of each convolution shape (XLA's convolution vs patches +
+    matmul) and each 2×2 max-pool shape (reduce-window vs slices), interleaved per shape."""
+    import jax
+    import jax.numpy as jnp
+    from fractal_jax.models import conv, pool
+    rows = []
+
+    def timed(name: str, fns: dict, *args, flops: float | None = None) -> None:
+        grads = {k: jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) ** 2),
+                                     argnums=tuple(range(len(args))))) for k, f in fns.items()}
+        variants = []
+        for k, g in grads.items():
+            _block(g(*args))
+
+            def window(g=g) -> None:
+                _block([g(*args) for _ in range(10)])
+
+            variants.append(Variant(k, window, 10 * setup.batch_size, {}))
+        ms = {r["name"]: [10 * 1e3 * setup.batch_size / x / 10 for x in r["rates"]]
+              for r in measure(variants, setup)}
+        a, b = ms.values()
+        rows.append({"name": name, **{k: statistics.median(v) for k, v in ms.items()},
+                     "speedup": statistics.median(x / y for x, y in zip(a, b)),
+                     "gflops_per_s": None if flops is None else flops / statistics.median(a) / 1e6})
+
+    key = jax.random.key(0)
+    for side, cin, cout in kernel_shapes(setup):
+        x = jax.random.normal(key, (setup.batch_size, side, side, cin))
+        kernel = jax.random.normal(key, (3, 3, cin, cout))
+        pad = ((1, 1), (1, 1))
+        timed(f"conv {side}×{side}, {cin}→{cout}", {
+            "xla ms": lambda x, k: conv.conv2d(x, k, impl="xla"),
+            "patches ms": lambda x, k: conv.patches_conv(x, k, (1, 1), pad)}, x, kernel,
+            flops=3 * 2.0 * setup.batch_size * side * side * 9 * cin * cout)
+    for b, width in enumerate(setup.widths):
+        side = setup.image_size // 2 ** b
+        x = jax.random.normal(key, (setup.batch_size, side, side, width))
+        timed(f"max-pool {side}×{side}×{width}", {
+            "reduce_window ms": lambda x: pool.max_pool_2x2(x, "reduce_window"),
+            "slices ms": lambda x: pool.max_pool_2x2(x, "slices")}, x)
+    return rows
+
+
+def local_skip_estimate(setup: Setup, num_plans: int = 4000) -> dict:
+    """Share of a local step's convolution FLOPs that local plans (p_local = 0.15) leave dead,
+    and that K extra programs could skip (`models/local_skip.py`), for K = 1, 2, 4, 8."""
+    import jax
+    from fractal_jax.models import local_skip
+    schedule = _model(setup).network_schedule
+    dead = local_skip.dead_units(jax.random.key(0), schedule, 0.15, num_plans)
+    cost = local_skip.unit_flops(schedule, setup.widths, setup.image_size)
+    return {"dead": local_skip.dead_fraction(dead, cost),
+            "programs": {k: local_skip.saved_fraction(
+                dead, cost, local_skip.choose_programs(dead, cost, k, schedule))
+                for k in (1, 2, 4, 8)}}
+
+
 def probe(setup: Setup) -> dict:
     """The rows a flag set is judged by (run in a child process per flag set)."""
-    return {"train": bench_train(setup, "mix", p_local=0.15, p_global=0.5, skip=False),
-            "eval": bench_eval(setup)}
+    train, evaluation = measure([
+        train_variant(setup, "mix", p_local=0.15, p_global=0.5, skip=False),
+        eval_variant(setup, "eval")], setup)
+    return {"train": train, "eval": evaluation}
+
+
+def _write_npz_data(folder: str, setup: Setup) -> None:
+    """Random uint8 images of the benchmark's shape as an npz dataset (train and test splits)."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16 * setup.batch_size), ("test", 2 * setup.batch_size)):
+        np.savez(os.path.join(folder, f"{split}.npz"),
+                 images=rng.integers(0, 256, (n, setup.image_size, setup.image_size, 3),
+                                     dtype=np.uint8),
+                 labels=rng.integers(0, setup.num_classes, n))
+
+
+def loop_config(setup: Setup, data: str, num_train_steps: int):
+    """The CIFAR-10 experiment's loop settings on the benchmark's model and batch shape."""
+    from experiments.configs import cifar10
+    c = cifar10.get_config()
+    c.dataset, c.data.path = "npz", data
+    c.model.name, c.model.widths = "fractalnet20", tuple(setup.widths)
+    c.seed = window_seed(setup)
+    c.batch_size, c.eval_batch_size = setup.batch_size, 2 * setup.batch_size
+    c.num_train_steps = num_train_steps
+    c.log_every_steps = setup.steps_per_window
+    c.eval_every_steps = c.checkpoint_every_steps = num_train_steps
+    c.keep_checkpoints, c.progress_bar = 1, False
+    return c
+
+
+def loop_variants(setup: Setup, folder: str) -> list[Variant]:
+    """The real training loop (`loop.train` on a fresh workdir, CIFAR-10's settings on random
+    npz data, warm compilation cache) against the isolated skipping step over the same steps.
+
+    The loop runs 2W steps (W = steps_per_window); its window is the time between fetching the
+    batches of steps W + 1 and 2W (so W - 1 steps in the steady state: data, host dispatch,
+    step keys, metrics), which leaves out start-up, the final evaluation and the checkpoint.
+    """
+    import contextlib
+    import io
+    from unittest import mock
+    from fractal_jax.training import loop
+    w = setup.steps_per_window
+    data = os.path.join(folder, "data")
+    os.makedirs(data)
+    _write_npz_data(data, setup)
+    config = loop_config(setup, data, 2 * w)
+    original = loop.train_batches
+    runs = iter(range(10**6))
+
+    def real_loop() -> float:
+        marks = []
+
+        def timed_batches(config, start_step):
+            for step, batch in enumerate(original(config, start_step), start_step + 1):
+                if step in (w + 1, 2 * w):
+                    marks.append(time.perf_counter())
+                yield batch
+
+        workdir = os.path.join(folder, f"run{next(runs)}")
+        with mock.patch.object(loop, "train_batches", timed_batches), \
+                contextlib.redirect_stdout(io.StringIO()):
+            loop.train(config, workdir)
+        return marks[1] - marks[0]
+
+    isolated = train_variant(setup, f"train, paper mix, steps {w + 1}..{2 * w}, isolated step",
+                             p_local=0.15, p_global=0.5, skip=True, first_step=w + 1,
+                             count_flops=False)
+    return [Variant("real training loop (same steps)", real_loop, (w - 1) * setup.batch_size,
+                    {"compile_s": None, "temp_mb": None}), isolated]
+
+
+def bench_loop(setup: Setup) -> list[dict]:
+    """`loop_variants` measured in a fresh process with its own persistent compilation cache
+    (filled by the warm-up window), as a rerun sees it."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache)
+        return _child("loop", setup, env)["rows"]
 
 
 def bench_flags(setup: Setup) -> list[dict]:
@@ -349,6 +567,103 @@ def bench_flags(setup: Setup) -> list[dict]:
                      "train_temp_mb": result["train"]["temp_mb"],
                      "eval_images_per_s": result["eval"]["images_per_s"]})
     return rows
+
+
+# Op categories of the profile, by the JAX name path XLA keeps in each op's metadata.
+PROFILE_CATEGORIES = (
+    ("max-pool", ("reduce_window", "reduce-window", "select_and_scatter", "_pool")),
+    ("convolution", ("conv_general_dilated", "convolution", "/Conv_0/")),
+    ("batchnorm", ("BatchNorm",)),
+    ("dropout", ("Dropout",)),
+    ("head and loss", ("/head/", "log_softmax", "softmax_cross_entropy")),
+)
+
+
+def _hlo_ops(hlo: str) -> dict[str, tuple[str, list[str]]]:
+    """Top-level ops of the entry computation: name -> (JAX name path or opcode, users)."""
+    import re
+    entry = hlo[hlo.index("\nENTRY"):]
+    ops: dict[str, tuple[str, list[str]]] = {}
+    for line in entry.splitlines()[1:]:
+        m = re.match(r"\s+(?:ROOT )?%?([\w.\-]+) = .*?\s([\w\-]+)\((.*)", line)
+        if m:
+            name, opcode, rest = m.groups()
+            path = re.search(r'op_name="([^"]*)"', line)
+            ops[name] = (path.group(1) if path else opcode, [])
+            for operand in re.findall(r"%([\w.\-]+)", rest.split("metadata=")[0]):
+                if operand in ops:
+                    ops[operand][1].append(name)
+    return ops
+
+
+def _category(name: str, ops: dict, depth: int = 0) -> str:
+    import re
+    path, users = ops[name]
+    for category, marks in PROFILE_CATEGORIES:
+        if any(m in path or m in name for m in marks):
+            return category
+    if re.search(r"block_\d+/unit_c\d+_p\d+/", path):
+        return "relu and unit glue"
+    if re.search(r"block_\d+/", path):
+        return "joins"
+    if "/" not in path and depth < 4:  # XLA-made op (iota, broadcast, copy): its consumer's
+        for user in users:
+            category = _category(user, ops, depth + 1)
+            if category != "other":
+                return category
+    return "other"
+
+
+def profile_program(compiled, run: Callable[[], None], steps: int) -> dict[str, float]:
+    """Milliseconds per step of each op category of `compiled` while `run()` runs `steps` steps,
+    from a `jax.profiler` trace (XLA:CPU's per-op events). Ops on the two threads overlap, so
+    the sum exceeds the wall time; the shares are what the table compares."""
+    import glob
+    import gzip
+    import tempfile
+    import jax
+    ops = _hlo_ops(compiled.as_text())
+    totals: collections.Counter = collections.Counter()
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder, create_perfetto_trace=True):
+            run()
+        trace, = glob.glob(os.path.join(folder, "**", "perfetto_trace.json.gz"), recursive=True)
+        with gzip.open(trace) as f:
+            events = json.load(f)["traceEvents"]
+    for e in events:
+        if e.get("ph") == "X" and e["name"] in ops:
+            totals[_category(e["name"], ops)] += e["dur"] / 1e3 / steps
+    return dict(totals.most_common())
+
+
+def bench_profile(setup: Setup) -> list[dict]:
+    """Op-category breakdown of the full network (current and new code), column 3 alone and a
+    local step (new code)."""
+    from fractal_jax.training import programs
+    out = []
+    for name, mode, overrides in (("full network, current code", "sample", CURRENT),
+                                  ("full network", "sample", {}),
+                                  ("column 3 alone (global step)", 3, {}),
+                                  ("local step", "local", {})):
+        model = _model(setup, **overrides)
+        p_global = 0.0 if mode == "sample" else 0.5
+        state, batch = _state(model, setup, 0.0 if mode == "sample" else 0.15, p_global), \
+            _batch(setup)
+        compiled = PROGRAMS.get((model, mode), train_step(model, mode), state, batch,
+                                programs.step_key(0, 1))
+        holder = {"state": compiled(state, batch, programs.step_key(0, 1))[0]}
+
+        def run(compiled=compiled, holder=holder):
+            s = holder["state"]
+            for step in range(2, 2 + setup.steps_per_window // 2):
+                s, _ = compiled(s, batch, programs.step_key(0, step))
+            holder["state"] = _block(s)
+
+        run()
+        out.append({"name": name,
+                    "ms_per_step": profile_program(compiled, run, setup.steps_per_window // 2)})
+        print(f"profile {name}: {out[-1]['ms_per_step']}", file=sys.stderr, flush=True)
+    return out
 
 
 def environment() -> dict:
@@ -369,25 +684,80 @@ def _fmt(value, digits=1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+MATMUL = "matmul 1024×1024×1024 (float32)"
+LOOP, ISOLATED = "real training loop (same steps)", "train, paper mix, steps {}..{}, isolated step"
+
+
+def _matmul_share(row: dict, by_name: dict) -> float | None:
+    """Median over rounds of the row's FLOP/s ÷ the same round's large-matmul FLOP/s."""
+    if "gflops_per_s" not in row or MATMUL not in by_name or row["name"] == MATMUL:
+        return None
+    return statistics.median(a / b for a, b in zip(row["gflops_per_s"],
+                                                   by_name[MATMUL]["gflops_per_s"]))
+
+
 def markdown(mode: str, setup: Setup, env: dict, rows: list[dict], summary: dict,
-             cache: dict, flags: list[dict]) -> str:
+             spread: dict, cache: dict, flags: list[dict], profile: list[dict],
+             local: dict, kernels: list[dict]) -> str:
+    by_name = {r["name"]: r for r in rows}
     lines = [f"# Benchmarks ({mode})", "",
              f"FractalNet-20 shape (B=5, C=3), widths {setup.widths}, batch "
              f"{setup.batch_size}, {setup.image_size}×{setup.image_size}×3 inputs; "
-             f"{setup.windows} windows of {setup.steps_per_window} steps each: steps "
-             f"1..{setup.steps_per_window} of run seed {window_seed(setup)}, whose plans have "
-             "a long run's mix (half global, spread evenly over the columns), the same for "
-             "every variant.", "",
+             f"{setup.windows} rounds, each timing one window of {setup.steps_per_window} steps "
+             "of every variant in turn (A B C ... A B C ...), so that a change of machine load "
+             f"falls on all of them: steps 1..{setup.steps_per_window} of run seed "
+             f"{window_seed(setup)}, whose plans have a long run's mix (half global, spread "
+             "evenly over the columns), the same for every variant. \"current code\" is the code "
+             "path before per-shape convolutions and slice max-pools (`conv_impl=\"xla\"`, "
+             "`pool_impl=\"reduce_window\"`); every other row runs the defaults.", "",
              "Machine: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
-             "| variant | images/s (median) | spread (min..max) | compile s | temp MB |",
-             "|---|---:|---:|---:|---:|"]
+             "| variant | images/s (median) | spread (min..max) | % of matmul FLOP/s "
+             "| compile s | temp MB |", "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {_fmt(r['images_per_s'])} | {_fmt(r['min'])}.."
-                     f"{_fmt(r['max'])} | {_fmt(r['compile_s'])} | {_fmt(r.get('temp_mb'))} |")
-    lines += ["", "| ratio | value |", "|---|---:|"]
-    lines += [f"| {k} | {v:.2f} |" for k, v in summary.items()]
+        share = _matmul_share(r, by_name)
+        rate = (f"{statistics.median(r['gflops_per_s']):,.1f} GFLOP/s" if r["name"] == MATMUL
+                else _fmt(r["images_per_s"]))
+        lines.append(f"| {r['name']} | {rate} | {_fmt(r['min'])}..{_fmt(r['max'])} | "
+                     f"{_fmt(None if share is None else 100 * share, 0)} | "
+                     f"{_fmt(r.get('compile_s'))} | {_fmt(r.get('temp_mb'))} |")
+    lines += ["", "Ratios: the median of per-round ratios, with their spread (min..max) over "
+              "rounds.", "", "| ratio | value | spread |", "|---|---:|---:|"]
+    lines += [f"| {k} | {v:.2f} | {spread[k][0]:.2f}..{spread[k][1]:.2f} |"
+              for k, v in summary.items()]
     lines += ["", f"Compile, paper-mixed masked train step: {cache['cold_s']:.1f} s cold, "
               f"{cache['cached_s']:.1f} s from the persistent compilation cache."]
+    lines += ["", "Local-step skipping (`models/local_skip.py`, 4,000 sampled local plans at "
+              f"p_local = 0.15): dead units hold {100 * local['dead']:.1f}% of a local step's "
+              "convolution FLOPs; the share that K extra programs (greedy per-block skip sets) "
+              "would skip:", "", "| K programs | " + " | ".join(map(str, local["programs"]))
+              + " |", "|---|" + "---:|" * len(local["programs"]),
+              "| FLOPs skipped | " + " | ".join(f"{100 * v:.1f}%" for v in
+                                                local["programs"].values()) + " |"]
+    if profile:
+        categories = list(dict.fromkeys(c for p in profile for c in p["ms_per_step"]))
+        lines += ["", "Profile (`--profile`): op time per train step by category, from a "
+                  "`jax.profiler` trace of XLA:CPU's ops (ms per step, share of all op time; "
+                  "ops on the two threads overlap, so the sums exceed the step's wall time):", "",
+                  "| category | " + " | ".join(p["name"] for p in profile) + " |",
+                  "|---|" + "---:|" * len(profile)]
+        for c in categories:
+            cells = []
+            for p in profile:
+                ms, total = p["ms_per_step"].get(c, 0.0), sum(p["ms_per_step"].values())
+                cells.append(f"{ms:.1f} ({100 * ms / total:.0f}%)")
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+        lines.append("| all ops | " + " | ".join(
+            f"{sum(p['ms_per_step'].values()):.1f}" for p in profile) + " |")
+    if kernels:
+        lines += ["", "Kernels (`--kernels`): forward + backward of each convolution and max-pool "
+                  f"shape, batch {setup.batch_size}, ms per call (medians of interleaved rounds; "
+                  "speedup: median of per-round ratios; GFLOP/s of XLA's convolution):", "",
+                  "| shape | XLA / reduce-window ms | patches / slices ms | speedup | "
+                  "XLA GFLOP/s |", "|---|---:|---:|---:|---:|"]
+        for k in kernels:
+            first, second = [v for n, v in k.items() if n.endswith(" ms")]
+            lines.append(f"| {k['name']} | {first:.2f} | {second:.2f} | {k['speedup']:.2f} | "
+                         f"{_fmt(k['gflops_per_s'], 0)} |")
     if flags:
         lines += ["", "XLA flag sets (each in a fresh process; paper-mixed plan, masked step):",
                   "", "| flags | train images/s | train temp MB | eval images/s |",
@@ -398,30 +768,53 @@ def markdown(mode: str, setup: Setup, env: dict, rows: list[dict], summary: dict
     return "\n".join(lines) + "\n"
 
 
-def ratios(rows: list[dict], sweep_models: int) -> dict[str, float]:
-    """The side-by-side ratios of the rows that `main` measures (> 1: the first is faster)."""
+def _ratio_rounds(rows: list[dict], setup: Setup) -> dict[str, list[float]]:
+    """Each ratio's value in every round (> 1: the first is faster); ratios whose rows were
+    not measured are left out."""
     by_name = {r["name"]: r for r in rows}
-    rate = lambda name: by_name[name]["images_per_s"]  # noqa: E731
-    k = sweep_models
-    return {
-        "skip_speedup": rate("train, paper mix, skip on") / rate("train, paper mix, skip off"),
+    k, w = setup.sweep_models, setup.steps_per_window
+    mix = "train, paper mix, skip on"
+
+    def per_round(fn) -> list[float]:
+        rounds = len(next(iter(by_name.values()))["rates"])
+        return [fn(lambda name: by_name[name]["rates"][i]) for i in range(rounds)]
+
+    formulas = {
+        "skip_speedup": lambda r: r(mix) / r("train, paper mix, skip off"),
         # The long-run mix: half local steps, half global ones (a window has its own mix).
-        "skip_speedup_even_mix": 1 / (rate("train, paper mix, skip off") * (
-            0.5 / rate("train, local-only plans") + 0.5 / rate("train, global-only, skip on"))),
-        "global_skip_speedup": rate("train, global-only, skip on")
-        / rate("train, global-only, skip off"),
-        "switch_vs_skip_off": rate("train, paper mix, lax.switch (one program)")
-        / rate("train, paper mix, skip off"),
-        "vmap_speedup": rate(f"sweep: {k} models vmapped in one step")
-        / rate(f"sweep: {k} models sequentially (masked step)"),
-        "vmap_vs_sequential_skip_on": rate(f"sweep: {k} models vmapped in one step")
-        / rate("train, paper mix, skip on"),
-        "bfloat16_speedup": rate("train, paper mix, skip on, bfloat16")
-        / rate("train, paper mix, skip on"),
-        "remat_speed": rate("train, paper mix, skip on, remat") / rate("train, paper mix, skip on"),
-        "remat_temp_memory": by_name["train, paper mix, skip on, remat"]["temp_mb"]
-        / by_name["train, paper mix, skip on"]["temp_mb"],
+        "skip_speedup_even_mix": lambda r: 1 / (r("train, paper mix, skip off") * (
+            0.5 / r("train, local-only plans") + 0.5 / r("train, global-only, skip on"))),
+        "global_skip_speedup": lambda r: r("train, global-only, skip on")
+        / r("train, global-only, skip off"),
+        "paper_mix_speedup": lambda r: r(mix) / r(f"{mix}, current code"),
+        "full_speedup": lambda r: r("train, full network (no drop-path)")
+        / r("train, full network (no drop-path), current code"),
+        "eval_speedup": lambda r: r("eval, full network") / r("eval, full network, current code"),
+        "vmap_speedup": lambda r: r(f"sweep: {k} models vmapped in one step")
+        / r(f"sweep: {k} models sequentially (masked step)"),
+        "vmap_patches_speedup": lambda r: r(f"sweep: {k} models vmapped in one step, conv patches")
+        / r(f"sweep: {k} models sequentially (masked step)"),
+        "vmap_vs_sequential_skip_on": lambda r: r(f"sweep: {k} models vmapped in one step")
+        / r(mix),
+        "loop_fraction": lambda r: r(LOOP) / r(ISOLATED.format(w + 1, 2 * w)),
     }
+    out = {}
+    for key, fn in formulas.items():
+        try:
+            out[key] = per_round(fn)
+        except KeyError:
+            continue
+    if mix in by_name and MATMUL in by_name:
+        out["matmul_fraction"] = [a / b for a, b in zip(by_name[mix]["gflops_per_s"],
+                                                        by_name[MATMUL]["gflops_per_s"])]
+    return out
+
+
+def ratios(rows: list[dict], setup: Setup) -> tuple[dict[str, float], dict[str, tuple]]:
+    """The side-by-side ratios of the rows (median of per-round ratios) and their spreads."""
+    rounds = _ratio_rounds(rows, setup)
+    return ({k: statistics.median(v) for k, v in rounds.items()},
+            {k: (min(v), max(v)) for k, v in rounds.items()})
 
 
 def main(argv=None) -> dict:
@@ -430,13 +823,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=".", help="folder for BENCHMARKS.md and benchmarks.json")
     parser.add_argument("--flags", action="store_true",
                         help="also compare XLA flag sets, one process each")
+    parser.add_argument("--profile", action="store_true",
+                        help="also break a train step's op time down by category")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also time each convolution and max-pool shape, both ways")
     parser.add_argument("--widths", type=lambda s: tuple(int(w) for w in s.split(",")),
                         help="override the widths (5 comma-separated ints)")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--windows", type=int)
     parser.add_argument("--steps-per-window", type=int)
     # A child process measuring one thing for the parent (flags are read at process start).
-    parser.add_argument("--child", choices=("compile", "flags"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("compile", "flags", "loop"), help=argparse.SUPPRESS)
     parser.add_argument("--setup-json", help=argparse.SUPPRESS)
     parser.add_argument("--xla-defaults", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -444,6 +841,12 @@ def main(argv=None) -> dict:
     configure_jax(cpu_flags=not args.xla_defaults)
     if args.child == "compile":
         print(json.dumps({"compile_s": compile_seconds(_setup_from_json(args.setup_json))}))
+        return {}
+    if args.child == "loop":  # the loop needs the persistent cache, in a folder of its own
+        import tempfile
+        setup = _setup_from_json(args.setup_json)
+        with tempfile.TemporaryDirectory() as folder:
+            print(json.dumps({"rows": measure(loop_variants(setup, folder), setup)}))
         return {}
     import jax
     # Compile times are part of the measurement: no persistent cache except where it is measured.
@@ -463,36 +866,48 @@ def main(argv=None) -> dict:
     if len(setup.widths) != 5:
         parser.error(f"--widths needs 5 widths (one per block), got {setup.widths}.")
 
+    # The parts in child processes and the profile first: they fail early if they fail.
+    loop_rows = bench_loop(setup)
+    profile = bench_profile(setup) if args.profile else []
+    kernels = bench_kernels(setup) if args.kernels else []
     mix = dict(p_local=0.15, p_global=0.5)
-    rows = [
-        bench_train(setup, "train, full network (no drop-path)", p_local=0.0, p_global=0.0,
-                    skip=False),
-        bench_train(setup, "train, local-only plans", p_local=0.15, p_global=0.0, skip=True),
-        bench_train(setup, "train, global-only, skip off", p_local=0.0, p_global=1.0,
-                    skip=False),
-        bench_train(setup, "train, global-only, skip on", p_local=0.0, p_global=1.0, skip=True),
-        bench_train(setup, "train, paper mix, skip off", **mix, skip=False),
-        bench_train(setup, "train, paper mix, skip on", **mix, skip=True),
-        bench_train(setup, "train, paper mix, lax.switch (one program)", **mix, skip=True,
-                    strategy="switch"),
-        bench_train(setup, "train, paper mix, skip on, bfloat16", **mix, skip=True,
-                    dtype="bfloat16"),
-        bench_train(setup, "train, paper mix, skip on, remat", **mix, skip=True, remat=True),
-        bench_eval(setup),
-        *bench_sweep(setup),
+    full = dict(p_local=0.0, p_global=0.0, skip=False)
+    variants = [
+        train_variant(setup, "train, full network (no drop-path), current code", **full,
+                      **CURRENT),
+        train_variant(setup, "train, full network (no drop-path)", **full),
+        train_variant(setup, "train, local-only plans", p_local=0.15, p_global=0.0, skip=True),
+        train_variant(setup, "train, global-only, skip off", p_local=0.0, p_global=1.0,
+                      skip=False),
+        train_variant(setup, "train, global-only, skip on", p_local=0.0, p_global=1.0,
+                      skip=True),
+        train_variant(setup, "train, paper mix, skip off", **mix, skip=False),
+        train_variant(setup, "train, paper mix, skip on, current code", **mix, skip=True,
+                      **CURRENT),
+        train_variant(setup, "train, paper mix, skip on", **mix, skip=True),
+        eval_variant(setup, "eval, full network, current code", **CURRENT),
+        eval_variant(setup, "eval, full network"),
+        *sweep_variants(setup),
+        matmul_variant(setup),
     ]
-    summary = ratios(rows, setup.sweep_models)
+    rows = measure(variants, setup) + loop_rows
+    summary, spread = ratios(rows, setup)
     cache = bench_compile_cache(setup)
     flags = bench_flags(setup) if args.flags else []
+    local = local_skip_estimate(setup)
     env = environment()
     os.makedirs(args.out, exist_ok=True)
+    text = markdown(mode, setup, env, rows, summary, spread, cache, flags, profile, local,
+                    kernels)
     with open(os.path.join(args.out, "BENCHMARKS.md"), "w") as f:
-        f.write(markdown(mode, setup, env, rows, summary, cache, flags))
+        f.write(text)
     result = {"mode": mode, "setup": dataclasses.asdict(setup), "environment": env,
-              "rows": rows, "compile_cache": cache, "flags": flags, **summary}
+              "rows": rows, "compile_cache": cache, "flags": flags, "profile": profile,
+              "local_skip": local, "kernels": kernels,
+              "spread": spread, **summary}
     with open(os.path.join(args.out, "benchmarks.json"), "w") as f:
         json.dump(result, f, indent=1)
-    print(markdown(mode, setup, env, rows, summary, cache, flags))
+    print(text)
     print(json.dumps({k: round(v, 3) for k, v in summary.items()}))
     return result
 

@@ -33,8 +33,9 @@ WEIGHT_DECAY_TARGETS = ("kernels", "all")
 # Keys that may change between a run and its resumption without changing the experiment.
 RESUMABLE_KEYS = ("num_train_steps", "eval_every_steps", "checkpoint_every_steps",
                   "log_every_steps", "keep_checkpoints", "data_dir", "progress_bar",
-                  "eval_batch_size", "drop_path.skip", "model.remat", "nonfinite",
-                  "precise_bn.enabled", "precise_bn.num_examples", "precise_bn.batch_size")
+                  "eval_batch_size", "drop_path.skip", "model.remat", "model.conv_impl",
+                  "model.pool_impl", "nonfinite", "precise_bn.enabled", "precise_bn.num_examples",
+                  "precise_bn.batch_size")
 
 
 def default_optim_config() -> ml_collections.ConfigDict:
@@ -80,8 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
         name="fractalnet20", num_blocks=ph(int), num_columns=ph(int), widths=ph(tuple),
         dropout=ph(tuple), dropout_position=ph(str), dropout_type=ph(str), join_order=ph(str),
         join=ph(str), head=ph(str), stem=ph(str), pool_last_block=ph(bool), bn_momentum=ph(float),
-        bn_affine=ph(bool), bn_bias_correction=ph(bool), depth=ph(int), stochastic_depth_rate=ph(float), weight_init=ph(str),
-        dtype=ph(str), remat=ph(bool)))
+        bn_affine=ph(bool), bn_bias_correction=ph(bool), depth=ph(int),
+        stochastic_depth_rate=ph(float), weight_init=ph(str), dtype=ph(str), remat=ph(bool),
+        conv_impl=ph(str), pool_impl=ph(str)))
     # skip: steps under a global plan compute only the kept column (same results, faster).
     # bn_update: "live" = units a plan leaves dead keep their BatchNorm statistics (needed to
     # skip dead work); "all" = every unit is computed and updates them every step (Caffe).

@@ -12,7 +12,8 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 
-from fractal_jax.models.fractal import ConvNet, ConvUnit, FractalNet, max_pool, unit_name
+from fractal_jax.models.fractal import ConvNet, ConvUnit, FractalNet, unit_name
+from fractal_jax.models.pool import max_pool_2x2
 
 Variables = dict[str, Any]
 
@@ -23,12 +24,13 @@ class PlainBlock(nn.Module):
     depth: int
     unit: Callable[..., ConvUnit]
     pool: bool = True
+    pool_impl: str = "slices"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         for i in range(self.depth):
             x = self.unit(name=f"unit_{i}")(x, train)
-        return max_pool(x) if self.pool else x
+        return max_pool_2x2(x, self.pool_impl) if self.pool else x
 
 
 class PlainNet(ConvNet):
@@ -48,8 +50,8 @@ class PlainNet(ConvNet):
         block_cls = self.block_class(PlainBlock, static_argnums=(2,))  # train
         outputs = []
         for b, depth in enumerate(self.units_per_block):
-            x = block_cls(depth, self.unit_factory(b), self.pools_after(b), name=f"block_{b}")(
-                x, train)
+            x = block_cls(depth, self.unit_factory(b), self.pools_after(b), self.pool_impl,
+                          name=f"block_{b}")(x, train)
             outputs.append(x)
         return tuple(outputs) if features else self.apply_head(x)
 
@@ -62,7 +64,7 @@ def column_network(model: FractalNet, column: int) -> PlainNet:
     shared = {f: getattr(model, f) for f in (
         "num_classes", "num_blocks", "widths", "dropout", "dropout_position", "dropout_type",
         "head", "stem", "pool_last_block", "bn_momentum", "bn_affine", "bn_bias_correction",
-        "weight_init", "dtype", "remat")}
+        "weight_init", "dtype", "remat", "conv_impl", "pool_impl")}
     return PlainNet(units_per_block=depths, **shared)
 
 

@@ -19,6 +19,8 @@ from fractal_jax.checks import check_choice
 from fractal_jax.models import drop_path
 from fractal_jax.models.batch_norm import BatchNorm
 from fractal_jax.models.layers import ImageNetStem
+from fractal_jax.models.conv import CONV_IMPLS, Conv
+from fractal_jax.models.pool import POOL_IMPLS, max_pool_2x2
 from fractal_jax.models.schedule import BlockSchedule, NetworkSchedule
 
 # Caffe's "Xavier" filler is uniform with fan-in scaling (spec §1); the others are ablations.
@@ -76,10 +78,6 @@ class LearnedJoin(nn.Module):
         return join(inputs, mask, logits)
 
 
-def max_pool(x: jax.Array) -> jax.Array:
-    return nn.max_pool(x, (2, 2), strides=(2, 2))
-
-
 class ConvUnit(nn.Module):
     """3×3 conv (no bias) → BatchNorm → ReLU, with dropout before BN ([Caffe]) or after ReLU.
 
@@ -96,6 +94,7 @@ class ConvUnit(nn.Module):
     bn_bias_correction: bool = True
     kernel_init: Callable = default_kernel_init
     dtype: str = "float32"
+    conv_impl: str = "auto"
 
     def _dropout(self, x: jax.Array, train: bool) -> jax.Array:
         if self.dropout_rate == 0.0:
@@ -105,8 +104,8 @@ class ConvUnit(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                    kernel_init=self.kernel_init, dtype=self.dtype)(x)
+        x = Conv(self.features, kernel_init=self.kernel_init, dtype=self.dtype,
+                 impl=self.conv_impl)(x)
         if self.dropout_position == "before_bn":
             x = self._dropout(x, train)
         # BatchNorm computes its statistics in float32 whatever `dtype` is.
@@ -139,6 +138,7 @@ class FractalBlock(nn.Module):
     pool: bool = True
     pool_then_join: bool = True
     learned_join: bool = False
+    pool_impl: str = "slices"
 
     @nn.compact
     def __call__(self, x: jax.Array, masks: Sequence[jax.Array] | None = None,
@@ -159,7 +159,7 @@ class FractalBlock(nn.Module):
             inputs = [z[k] for k in cols]
             if self.pool and self.pool_then_join and p == s.depth:
                 # The paper pools each column just before the block's final join.
-                inputs = [max_pool(t) for t in inputs]
+                inputs = [max_pool_2x2(t, self.pool_impl) for t in inputs]
             if column is not None:
                 y = inputs[0]
             elif self.learned_join:
@@ -169,7 +169,7 @@ class FractalBlock(nn.Module):
             z.update({k: y for k in cols})
         out = z[max(z)]
         if self.pool and not (self.pool_then_join and s.depth > 1):
-            out = max_pool(out)
+            out = max_pool_2x2(out, self.pool_impl)
         return out
 
 
@@ -209,6 +209,10 @@ class ConvNet(nn.Module):
     weight_init: str = "xavier"
     dtype: str = "float32"
     remat: bool = False
+    # How convolutions and 2×2 max-pools are computed (models/conv.py, models/pool.py): the
+    # defaults are the fastest measured; "xla" / "reduce_window" are XLA's own ops.
+    conv_impl: str = "auto"
+    pool_impl: str = "slices"
 
     def __post_init__(self):
         if not isinstance(self.num_classes, int) or self.num_classes < 1:
@@ -231,6 +235,8 @@ class ConvNet(nn.Module):
         check_choice("stem", self.stem, STEMS)
         check_choice("weight_init", self.weight_init, tuple(INITS))
         check_choice("dtype", self.dtype, DTYPES)
+        check_choice("conv_impl", self.conv_impl, CONV_IMPLS)
+        check_choice("pool_impl", self.pool_impl, POOL_IMPLS)
         super().__post_init__()
 
     @property
@@ -265,7 +271,7 @@ class ConvNet(nn.Module):
                                  bn_affine=self.bn_affine,
                                  bn_bias_correction=self.bn_bias_correction,
                                  kernel_init=INITS[self.weight_init],
-                                 dtype=self.dtype)
+                                 dtype=self.dtype, conv_impl=self.conv_impl)
 
     def apply_stem(self, x: jax.Array, train: bool) -> jax.Array:
         self.check_input(x)
@@ -327,7 +333,8 @@ class FractalNet(ConvNet):
         for b, block in enumerate(schedule.blocks):
             x = block_cls(block, self.unit_factory(b), pool=self.pools_after(b),
                              pool_then_join=self.join_order == "pool_then_join",
-                             learned_join=self.join == "learned", name=f"block_{b}")(
+                             learned_join=self.join == "learned", pool_impl=self.pool_impl,
+                             name=f"block_{b}")(
                 x, plan[b], None if column is None else schedule.block_column(b, column), train)
             outputs.append(x)
         return tuple(outputs) if features else self.apply_head(x)
