@@ -31,7 +31,6 @@ import sys
 
 # Run as a script: make the repository importable without installing it.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
