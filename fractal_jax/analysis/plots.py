@@ -38,7 +38,9 @@ def plot_learning_curves(records: list[dict], path: str) -> str:
     splits = list(dict.fromkeys(r["split"] for r in records))
     for split in splits:
         loss_axes.plot(*_series(records, split, "loss"), label=split)
-        accuracy_axes.plot(*_series(records, split, "accuracy"), label=f"{split} full network", linewidth=2)
+        # Train records average the batches' drop-path sub-networks, not the full network.
+        label = "train batches (drop-path)" if split == "train" else f"{split} full network"
+        accuracy_axes.plot(*_series(records, split, "accuracy"), label=label, linewidth=2)
         columns = sorted({k for r in records if r["split"] == split for k in column_numbers(r)})
         for k in columns:
             accuracy_axes.plot(*_series(records, split, f"accuracy/column_{k}"), label=f"{split} column {k}",
