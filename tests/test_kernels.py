@@ -47,7 +47,7 @@ def test_auto_uses_patches_only_where_they_measured_faster_on_cpu():
     assert not conv.use_patches("auto", (2, 2), 128, (1, 1), "gpu")  # not measured there
     assert conv.use_patches("patches", (32, 32), 64, (1, 1), "gpu")
     assert not conv.use_patches("xla", (2, 2), 128, (1, 1), "cpu")
-    with pytest.raises(ValueError, match="conv_impl must be one of"):
+    with pytest.raises(ValueError, match="conv_impl='winograd' is invalid: it must be one of"):
         conv.use_patches("winograd", (2, 2), 8, (1, 1), "cpu")
 
 
@@ -69,7 +69,7 @@ def test_slice_max_pool_equals_reduce_window_in_value_and_gradients():
             lambda y, vjp: (y, vjp(dy)[0]))(*jax.vjp(lambda b: pool.max_pool_2x2(b, impl), a)))(x)
     np.testing.assert_array_equal(values["slices"], values["reduce_window"])
     np.testing.assert_array_equal(grads["slices"], grads["reduce_window"])
-    with pytest.raises(ValueError, match="pool_impl must be one of"):
+    with pytest.raises(ValueError, match="pool_impl='average' is invalid: it must be one of"):
         pool.max_pool_2x2(x, "average")
 
 

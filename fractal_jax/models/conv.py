@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fractal_jax.checks import check_choice
+
 CONV_IMPLS = ("auto", "xla", "patches")
 # Where "auto" uses patches on CPU. Measured on a 2-core CPU, 3×3 convolutions forward +
 # backward, batch 32 (`experiments/benchmark.py --kernels` times every shape): patches ran
@@ -33,9 +35,7 @@ def use_patches(impl: str, spatial: tuple[int, int], in_features: int,
     and for "auto" on CPU with stride 1 when the map has at most PATCHES_MAX_PIXELS pixels or
     the input at most PATCHES_MAX_IN_FEATURES channels. Other backends keep XLA's convolution
     under "auto" (not measured there)."""
-    if impl not in CONV_IMPLS:
-        raise ValueError(f"conv_impl must be one of {', '.join(map(repr, CONV_IMPLS))}, "
-                         f"got {impl!r}.")
+    check_choice("conv_impl", impl, CONV_IMPLS)
     if impl != "auto":
         return impl == "patches"
     platform = platform or jax.default_backend()

@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fractal_jax.checks import check_choice
+
 POOL_IMPLS = ("slices", "reduce_window")
 
 
@@ -23,10 +25,8 @@ def max_pool_2x2(x: jax.Array, impl: str = "slices") -> jax.Array:
     inputs and the reduce-window gives to one; after a ReLU the common tie is at 0, where no
     gradient passes the ReLU either way.
     """
+    check_choice("pool_impl", impl, POOL_IMPLS)
     if impl == "reduce_window":
         return nn.max_pool(x, (2, 2), strides=(2, 2))
-    if impl != "slices":
-        raise ValueError(f"pool_impl must be one of {', '.join(map(repr, POOL_IMPLS))}, "
-                         f"got {impl!r}.")
     return jnp.maximum(jnp.maximum(x[:, 0::2, 0::2], x[:, 0::2, 1::2]),
                        jnp.maximum(x[:, 1::2, 0::2], x[:, 1::2, 1::2]))
