@@ -515,26 +515,26 @@ def loop_variants(setup: Setup, folder: str) -> list[Variant]:
     import contextlib
     import io
     from unittest import mock
-    from fractal_jax.training import loop
+    from fractal_jax.training import experiment, loop
     w = setup.steps_per_window
     data = os.path.join(folder, "data")
     os.makedirs(data)
     _write_npz_data(data, setup)
     config = loop_config(setup, data, 2 * w)
-    original = loop.train_batches
+    original = experiment.train_batches
     runs = iter(range(10**6))
 
     def real_loop() -> float:
         marks = []
 
-        def timed_batches(config, start_step):
-            for step, batch in enumerate(original(config, start_step), start_step + 1):
+        def timed_batches(config, start_step, seed=None):
+            for step, batch in enumerate(original(config, start_step, seed), start_step + 1):
                 if step in (w + 1, 2 * w):
                     marks.append(time.perf_counter())
                 yield batch
 
         workdir = os.path.join(folder, f"run{next(runs)}")
-        with mock.patch.object(loop, "train_batches", timed_batches), \
+        with mock.patch.object(experiment, "train_batches", timed_batches), \
                 contextlib.redirect_stdout(io.StringIO()):
             loop.train(config, workdir)
         return marks[1] - marks[0]
