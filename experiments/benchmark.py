@@ -274,8 +274,9 @@ def train_variant(setup: Setup, name: str, *, p_local: float, p_global: float, s
         holder["state"] = _block(s)
 
     window()
-    modes = ["sample" if mode == "local" else mode for mode in modes]
-    flops = step_flops(setup, modes) if count_flops else None
+    # A local step's FLOPs are counted as those of the program that computes every unit.
+    flops = step_flops(setup, ["sample" if m == "local" else m for m in modes]) \
+        if count_flops else None
     return Variant(name, window, setup.batch_size * setup.steps_per_window,
                    PROGRAMS.cost(dict.fromkeys(used)), flops)
 
