@@ -82,8 +82,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 @contextlib.contextmanager
 def one_line_errors() -> Iterator[None]:
-    """Turns `user_errors` raised inside into ``error: <message>`` and exit status 1."""
+    """Turns `user_errors` raised inside into ``error: <message>`` and exit status 1, and a stop
+    on SIGTERM / SIGINT (after its checkpoint was saved) into ``stopped: <message>`` and exit
+    status `preemption.EXIT_PREEMPTED`, on which job scripts requeue."""
+    from fractal_jax.training import preemption
     try:
         yield
     except user_errors() as e:
         raise SystemExit(f"error: {e}") from None
+    except preemption.Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        raise SystemExit(preemption.EXIT_PREEMPTED) from None

@@ -35,7 +35,7 @@ RESUMABLE_KEYS = ("num_train_steps", "eval_every_steps", "checkpoint_every_steps
                   "log_every_steps", "keep_checkpoints", "data_dir", "progress_bar",
                   "eval_batch_size", "drop_path.skip", "model.remat", "model.conv_impl",
                   "model.pool_impl", "nonfinite", "precise_bn.enabled", "precise_bn.num_examples",
-                  "precise_bn.batch_size")
+                  "precise_bn.batch_size", "profile_steps")
 
 
 def default_optim_config() -> ml_collections.ConfigDict:
@@ -108,6 +108,9 @@ def base_config() -> ml_collections.ConfigDict:
     # A NaN/Inf loss or gradient: "stop" the run (its last checkpoint stays good), or "skip" the
     # batch (the state stays as it was; the train records count `nonfinite_skipped`).
     c.nonfinite = "stop"
+    # (A, B): trace steps A..B with jax.profiler into WORKDIR/profile/ and log their host
+    # timeline (training/profiling.py); (A,) traces one step; None: no profiling.
+    c.profile_steps = ml_collections.config_dict.placeholder(tuple)
     return c
 
 
@@ -214,6 +217,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             "checkpoint_every_steps", config.checkpoint_every_steps,
             f"it must be a multiple of log_every_steps={config.log_every_steps}, so a resumed "
             "run logs the same averaging windows as an uninterrupted one")
+    steps = config.profile_steps
+    require(steps is None or (
+        isinstance(steps, tuple) and len(steps) in (1, 2)
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in steps)
+        and list(steps) == sorted(steps)), "profile_steps", steps,
+        "it must be A,B (trace steps A to B, 1 <= A <= B) or A (one step), e.g. "
+        "--config.profile_steps=10,12")
     _validate_optim(config.optim)
     return ml_collections.ConfigDict(config.to_dict())
 

@@ -33,3 +33,14 @@ def reference(tmp_path_factory, data_dir):
 
     workdir = str(tmp_path_factory.mktemp("reference"))
     return workdir, loop.train(tiny_config(data_dir), workdir)
+
+
+@pytest.fixture(scope="session")
+def loop_sweep(tmp_path_factory, data_dir):
+    """The 4-member sweep of test_sweep.SWEEP on the tiny config, trained whole in-process with
+    the "loop" strategy (a member = its single run, bit for bit), and its result tables."""
+    from test_sweep import train_and_tabulate
+    from test_training import tiny_config
+
+    workdir = str(tmp_path_factory.mktemp("loop_sweep"))
+    return workdir, train_and_tabulate(tiny_config(data_dir), workdir, strategy="loop")

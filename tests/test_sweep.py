@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fractal_jax.analysis import runs, sweep_tables
-from fractal_jax.training import experiment, loop, metrics, sweep
+from fractal_jax.training import experiment, lock, loop, metrics, sweep
 from fractal_jax.training.checkpoint import read_metadata
 from test_training import ROOT, TINY, final_state, metrics_text, tiny_config
 
@@ -261,3 +261,71 @@ def test_vmapped_chunk_killed_between_its_members_saves_resumes_from_their_commo
     assert member_texts(workdir) == member_texts(reference)
     for a, b in zip(member_states(workdir), member_states(reference)):
         chex.assert_trees_all_equal(a, b)
+
+
+# ----- shards: one sweep trained by several processes -----------------------------------------
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5, 8])
+def test_shards_train_every_member_exactly_once_in_contiguous_slices(count):
+    slices = [sweep.shard_members(7, (i, count)) for i in range(count)]
+    assert sum(slices, []) == list(range(7))
+    assert max(map(len, slices)) - min(map(len, slices)) <= 1
+    assert sweep.shard_members(7, None) == list(range(7))
+
+
+def test_shard_from_slurm_array_environment_and_bad_shards_are_clear_errors():
+    env = {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "3",
+           "SLURM_ARRAY_TASK_STEP": "2", "SLURM_ARRAY_TASK_COUNT": "4"}
+    assert sweep.shard_from_environment(env) == (2, 4)  # tasks 3, 5, 7, 9
+    assert sweep.shard_from_environment({}) is None
+    with pytest.raises(ValueError, match="pass --shard I/N explicitly"):
+        sweep.shard_from_environment({"SLURM_ARRAY_TASK_ID": "1"})
+    assert sweep.parse_shard("1/3") == (1, 3)
+    for bad in ("3/3", "-1/2", "1", "a/b", "0/0"):
+        with pytest.raises(ValueError, match="it must be I/N with 0 <= I < N"):
+            sweep.parse_shard(bad)
+
+
+def test_a_shard_returns_only_finished_members_and_refuses_a_member_in_training(
+        loop_sweep, tmp_path, data_dir):
+    """Shard 0/2 trains the first two members; the other two are reported missing (None) until
+    trained. A member whose lock another process holds is refused, naming it."""
+    workdir = str(tmp_path / "sweep")
+    results = sweep.train_sweep(tiny_config(data_dir), workdir, SWEEP, shard=(0, 2))
+    assert results[2:] == [None, None] and results[:2] == loop_sweep[1][:2]
+    assert sorted(os.listdir(os.path.join(workdir, sweep.MEMBERS_DIR))) == sorted(
+        m.name for m in SWEEP.members[:2])
+    busy = sweep.member_dir(workdir, SWEEP.members[3])
+    os.makedirs(busy)
+    with lock.workdir_lock(busy):
+        with pytest.raises(lock.WorkdirLockError, match="in use by another run"):
+            sweep.train_sweep(tiny_config(data_dir), workdir, SWEEP, shard=(1, 2))
+    # A single run is refused in a sweep's workdir, and --fresh while a shard holds it.
+    with pytest.raises(experiment.WorkdirConflictError, match="holds a drop-path sweep"):
+        loop.train(tiny_config(data_dir), workdir)
+    with lock.workdir_lock(workdir, shared=True):
+        with pytest.raises(lock.WorkdirLockError, match="the shards of a sweep"):
+            experiment.move_aside(workdir)
+
+
+@pytest.mark.slow
+def test_two_concurrent_shards_give_the_whole_sweeps_results(loop_sweep, tmp_path, data_dir):
+    """A 4-member sweep as shards 0/2 and 1/2 in two processes at once: the last to finish writes
+    sweep_results.csv, equal to the whole sweep's; --collect writes the same."""
+    workdir = str(tmp_path / "sharded")
+    args = ["--seeds=0,1", "--p_local=0,0.3", "--p_global=0.5"]
+    cmd = [sys.executable, "experiments/sweep_drop_path.py", f"--config={TINY}",
+           f"--workdir={workdir}", f"--config.data_dir={data_dir}", *args]
+    procs = [subprocess.Popen([*cmd, f"--shard={i}/2"], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert any("results: " in out for out in outs), outs
+    csv = os.path.join(workdir, sweep_tables.CSV_FILE)
+    assert read_text(csv) == read_text(os.path.join(loop_sweep[0], sweep_tables.CSV_FILE))
+    os.remove(csv)
+    out = run_cli(workdir, data_dir, *args, "--collect")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert read_text(csv) == read_text(os.path.join(loop_sweep[0], sweep_tables.CSV_FILE))
+    out = run_cli(str(tmp_path / "none"), data_dir, *args, "--collect")
+    assert out.returncode == 1 and "holds no sweep" in out.stderr

@@ -94,7 +94,7 @@ def plot_sweep(rows: list[Row], labels: list[str], path: str) -> str:
         axes.grid(alpha=0.3)
     panels[0].set_ylabel("accuracy")
     panels[0].legend(fontsize="small")
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=100, format="png")
     return path
 
 
@@ -104,11 +104,16 @@ def write_results(workdir: str, records: list[dict], caption: str) -> list[str]:
     rows = summarize(records)
     labels = [label for _, label in networks(records[0])]
     paths = [os.path.join(workdir, name) for name in (CSV_FILE, MARKDOWN_FILE, PLOT_FILE)]
-    with open(paths[0], "w", encoding="utf-8") as f:
+    # Each file is written aside and renamed into place: the shards of a sweep that finish
+    # together may both write them.
+    temporary = [f"{path}.tmp-{os.getpid()}" for path in paths]
+    with open(temporary[0], "w", encoding="utf-8") as f:
         f.write(csv_text(rows))
-    with open(paths[1], "w", encoding="utf-8") as f:
+    with open(temporary[1], "w", encoding="utf-8") as f:
         f.write(f"{caption}\n\n{markdown_table(rows, labels)}\n")
-    plot_sweep(rows, labels, paths[2])
+    plot_sweep(rows, labels, temporary[2])
+    for source, target in zip(temporary, paths):
+        os.replace(source, target)
     return paths
 
 

@@ -21,6 +21,9 @@ from fractal_jax.training import parallel
 from fractal_jax.training.checkpoint import read_metadata
 from fractal_jax.training.lock import workdir_lock
 
+# Marks a sweep's workdir (`sweep.py`), which a single run must not train in.
+SWEEP_FILE = "sweep.json"
+
 
 class WorkdirConflictError(ValueError):
     """The workdir holds a checkpoint of a different experiment."""
@@ -97,17 +100,24 @@ def calibration_batches(config: ml_collections.ConfigDict, num_train_examples: i
 
 
 def checkpoint_metadata(config: ml_collections.ConfigDict, step: int, *, data_seed: int,
-                        nonfinite_skipped: int) -> dict[str, Any]:
+                        nonfinite_skipped: int, train_window: list[dict[str, float]]
+                        ) -> dict[str, Any]:
     """What a checkpoint records besides the state: the run's config, where its data order
-    stands, the batches skipped as non-finite so far and the versions that wrote it."""
+    stands, the batches skipped as non-finite so far, the metrics of the steps since its last
+    train record (which the next record averages) and the versions that wrote it."""
     return {"config": config_lib.to_json_dict(config), "step": step,
             "data_position": {"seed": data_seed, "next_step": step},
             "versions": {"fractal_jax": fractal_jax.__version__, "jax": jax.__version__},
-            "nonfinite_skipped": nonfinite_skipped}
+            "nonfinite_skipped": nonfinite_skipped, "train_window": train_window}
 
 
 def refuse_other_experiment(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Raises WorkdirConflictError if `workdir` holds a checkpoint of another experiment."""
+    """Raises WorkdirConflictError if `workdir` holds a sweep or a checkpoint of another
+    experiment."""
+    if os.path.exists(os.path.join(workdir, SWEEP_FILE)):
+        raise WorkdirConflictError(
+            f"Workdir {workdir!r} holds a drop-path sweep, not a single run; its members are "
+            f"runs under {os.path.join(workdir, 'members')}. Use another --workdir.")
     metadata = read_metadata(workdir)
     if not metadata:
         return

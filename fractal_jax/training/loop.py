@@ -4,7 +4,10 @@ sweep of one, and every per-step behaviour below serves both.
 
 Determinism: the step key is ``fold_in(key(seed), step)`` and the batch at step s is a pure
 function of (seed, s), so a run resumed from a checkpoint at step s continues exactly as an
-uninterrupted one; metric records written after that checkpoint are dropped and written again.
+uninterrupted one; metric records written after that checkpoint are dropped and written again,
+and the train steps since the last train record travel in the checkpoint's metadata, so the next
+record averages the same steps. SIGTERM / SIGINT stop a run (or sweep) after the step in flight,
+with a checkpoint of it (`preemption.py`); `--config.profile_steps` traces steps (`profiling.py`).
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ import numpy as np
 import tqdm
 
 from fractal_jax import config as config_lib
-from fractal_jax.training import evaluate, experiment, optim, parallel, programs
+from fractal_jax.training import (evaluate, experiment, optim, parallel, preemption, profiling,
+                                  programs)
 from fractal_jax.training.checkpoint import Checkpointer, CheckpointError
 from fractal_jax.training.lock import workdir_lock
 from fractal_jax.training.metrics import MetricsWriter, read_metrics, truncate_metrics
@@ -61,9 +65,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         return Trainer(config, model, info).train([RunSpec(workdir, config, config.seed)])[0]
 
 
-def hold_workdir(workdir: str) -> contextlib.AbstractContextManager:
-    """The workdir's lock, held by process 0 only: the hosts of a multi-host run share it."""
-    return workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+def hold_workdir(workdir: str, shared: bool = False) -> contextlib.AbstractContextManager:
+    """The workdir's lock (`lock.workdir_lock`), held by process 0 only: the hosts of a
+    multi-host run share it."""
+    return (workdir_lock(workdir, shared) if jax.process_index() == 0
+            else contextlib.nullcontext())
 
 
 def final_eval(workdir: str, split: str) -> dict[str, float] | None:
@@ -110,18 +116,27 @@ class Trainer:
         return self._init(programs.step_key(config.seed, 0), p_local=config.drop_path.p_local,
                           p_global=config.drop_path.p_global)
 
-    def train(self, runs: Sequence[RunSpec], strategy: str = "loop") -> list[dict[str, float]]:
+    def train(self, runs: Sequence[RunSpec], strategy: str = "loop",
+              profile_dir: str | None = None) -> list[dict[str, float]]:
         """Trains `runs` together from their common checkpointed step to num_train_steps
         (`programs.make_runner`'s `strategy`); returns each run's final eval metrics.
 
-        A finished run reports its last evaluation without training.
+        A finished run reports its last evaluation without training. Raises
+        `preemption.Preempted` after saving when SIGTERM or SIGINT asked it to stop. Traces of
+        `config.profile_steps` go to `profile_dir` (default: the first run's WORKDIR/profile).
         """
         checkpointers = [Checkpointer(r.workdir, keep=self.config.keep_checkpoints)
                          for r in runs]
         try:
-            states, start, skipped = self._restore(runs, checkpointers)
+            states, start, resumed = self._restore(runs, checkpointers)
             if start < self.config.num_train_steps:
-                return self._train(runs, checkpointers, states, start, skipped, strategy)
+                profile_dir = profile_dir or os.path.join(runs[0].workdir, profiling.PROFILE_DIR)
+                profiler = profiling.StepProfiler(self.config.profile_steps, profile_dir, start)
+                try:
+                    return self._train(runs, checkpointers, states, start, resumed, strategy,
+                                       profiler)
+                finally:
+                    profiler.close()
             split = self.config.data.eval_split
             return [final_eval(r.workdir, split) or self.evaluate(s, r)[0]
                     for r, s in zip(runs, states)]
@@ -130,14 +145,14 @@ class Trainer:
                 checkpointer.close()
 
     def _restore(self, runs: Sequence[RunSpec], checkpointers: list[Checkpointer]
-                 ) -> tuple[list[TrainState], int, np.ndarray]:
+                 ) -> tuple[list[TrainState], int, list[dict]]:
         """The runs' states, each from its newest good checkpoint; their common step; and each
-        run's count of batches skipped for non-finite values so far."""
+        run's checkpoint metadata (empty when starting), where its train records stand."""
         targets = [self.init_state(r.config) for r in runs]
         restored = [c.restore_latest_good(t) for c, t in zip(checkpointers, targets)]
         common = min(0 if r is None else r[2] for r in restored)
         if common == 0:
-            return targets, 0, np.zeros(len(runs), int)
+            return targets, 0, [{} for _ in runs]
         # A kill between the runs' saves leaves some a checkpoint ahead: they step back to the
         # common step (checkpoints already written are kept, not written again).
         for i, (c, r) in enumerate(zip(checkpointers, restored)):
@@ -148,12 +163,11 @@ class Trainer:
                         "runs trained with it resume; run again with --chunk=1 to resume every "
                         "member from its own step.")
                 restored[i] = (*c.restore(targets[i], common), common)
-        skipped = np.asarray([r[1].get("nonfinite_skipped", 0) for r in restored])
-        return [r[0] for r in restored], common, skipped
+        return [r[0] for r in restored], common, [r[1] for r in restored]
 
     def _train(self, runs: Sequence[RunSpec], checkpointers: list[Checkpointer],
-               states: list[TrainState], start: int, skipped: np.ndarray,
-               strategy: str) -> list[dict[str, float]]:
+               states: list[TrainState], start: int, resumed: list[dict], strategy: str,
+               profiler: profiling.StepProfiler) -> list[dict[str, float]]:
         config, mesh = self.config, self.mesh
         for r in runs:
             truncate_metrics(r.workdir, start)
@@ -168,44 +182,52 @@ class Trainer:
                         desc=None if len(runs) == 1 else f"{len(runs)} runs",
                         disable=not config.progress_bar or jax.process_index() != 0,
                         dynamic_ncols=True, file=sys.stdout)
-        records = _TrainRecords(runs, writers, skipped, self.lr_schedule, bar, checkpointers,
+        records = _TrainRecords(runs, writers, resumed, self.lr_schedule, bar, checkpointers,
                                 start)
         evals: list[dict[str, float] | None] = [None] * len(runs)
         pending = None  # (step, device metrics): fetched after the next step is dispatched
         try:
-            for step in range(start + 1, config.num_train_steps + 1):
-                batch = tuple(parallel.to_global(next(b), mesh) for b in batches)
-                state, device_metrics = runner.step(state, batch, step)
-                # At most two steps in flight: unbounded async dispatch can deadlock XLA:CPU's
-                # cross-device all-reduce when several CPU devices share two cores.
-                if pending is not None:
+            with preemption.StopRequest() as stop:
+                for step in range(start + 1, config.num_train_steps + 1):
+                    profiler.start(step)
+                    began = time.perf_counter()
+                    batch = tuple(parallel.to_global(next(b), mesh) for b in batches)
+                    dispatched = time.perf_counter()
+                    with profiler.annotate(step):
+                        state, device_metrics = runner.step(state, batch, step)
+                    profiler.finish(step, (state, device_metrics), dispatched - began,
+                                    time.perf_counter() - dispatched)
+                    # At most two steps in flight: unbounded async dispatch can deadlock
+                    # XLA:CPU's cross-device all-reduce when several CPU devices share two cores.
+                    if pending is not None:
+                        records.add(*pending)
+                    pending = (step, device_metrics)
+                    bar.update(1)
+                    last = step == config.num_train_steps
+                    evaluate_now = step % config.eval_every_steps == 0 or last
+                    save_now = step % config.checkpoint_every_steps == 0 or last
+                    # Every host asks at every step, so all of them stop at the same one.
+                    stop_now = stop.should_stop() and not last
+                    if not (evaluate_now or save_now or stop_now):
+                        continue
                     records.add(*pending)
-                pending = (step, device_metrics)
-                bar.update(1)
-                last = step == config.num_train_steps
-                evaluate_now = step % config.eval_every_steps == 0 or last
-                save_now = step % config.checkpoint_every_steps == 0 or last
-                if not (evaluate_now or save_now):
-                    continue
-                records.add(*pending)
-                pending = None
-                split_states = runner.split(state)
-                evals = precise = [None] * len(runs)
-                if evaluate_now:
-                    evals, precise = zip(*[self.evaluate(s, r)
-                                           for s, r in zip(split_states, runs)])
-                    for writer, metrics in zip(writers, evals):
-                        writer.write(step, config.data.eval_split, metrics)
-                    bar.write(f"step {step}: {_eval_summary(evals)}")
-                if save_now:
-                    for i, (checkpointer, run) in enumerate(zip(checkpointers, runs)):
-                        if step in checkpointer.all_steps():  # written before an interruption
-                            continue
-                        metadata = experiment.checkpoint_metadata(
-                            run.config, step, data_seed=run.data_seed,
-                            nonfinite_skipped=int(skipped[i]))
-                        checkpointer.save(step, split_states[i], metadata=metadata,
-                                          metrics=evals[i], eval_batch_stats=precise[i])
+                    pending = None
+                    split_states = runner.split(state)
+                    evals = precise = [None] * len(runs)
+                    if evaluate_now:  # also when stopping: the record belongs to this step
+                        evals, precise = zip(*[self.evaluate(s, r)
+                                               for s, r in zip(split_states, runs)])
+                        for writer, metrics in zip(writers, evals):
+                            writer.write(step, config.data.eval_split, metrics)
+                        bar.write(f"step {step}: {_eval_summary(evals)}")
+                    if save_now or stop_now:
+                        self._save(step, runs, checkpointers, split_states, records, evals,
+                                   precise)
+                    if stop_now:
+                        for checkpointer in checkpointers:
+                            checkpointer.wait()  # committed before we report it
+                        raise preemption.Preempted(stop.signal_name, step,
+                                                   [r.workdir for r in runs])
             if pending is not None:
                 records.add(*pending)
         finally:
@@ -213,6 +235,18 @@ class Trainer:
             for writer in writers:
                 writer.close()
         return list(evals)
+
+    def _save(self, step: int, runs: Sequence[RunSpec], checkpointers: list[Checkpointer],
+              states: list[TrainState], records: "_TrainRecords", evals, precise) -> None:
+        """Starts saving every run's checkpoint of `step` (one kept from before an
+        interruption is not written again)."""
+        for i, (checkpointer, run) in enumerate(zip(checkpointers, runs)):
+            if step in checkpointer.all_steps():
+                continue
+            metadata = experiment.checkpoint_metadata(
+                run.config, step, data_seed=run.data_seed, **records.position(i))
+            checkpointer.save(step, states[i], metadata=metadata, metrics=evals[i],
+                              eval_batch_stats=precise[i])
 
 
 def _eval_summary(evals: list[dict[str, float]]) -> str:
@@ -230,17 +264,29 @@ def _eval_summary(evals: list[dict[str, float]]) -> str:
 class _TrainRecords:
     """Each run's train records: the mean of its trained steps' metrics over every log window,
     the learning rate, and the batches skipped as non-finite; a run whose loss or gradient
-    turns non-finite (with nonfinite="stop") stops training."""
+    turns non-finite (with nonfinite="stop") stops training.
+
+    `position(i)` is what run i's checkpoint keeps of them (its skip count and the steps of the
+    open window), and `resumed` (each run's checkpoint metadata) restores it.
+    """
 
     def __init__(self, runs: Sequence[RunSpec], writers: list[MetricsWriter],
-                 skipped: np.ndarray, lr_schedule, bar: tqdm.tqdm,
+                 resumed: list[dict], lr_schedule, bar: tqdm.tqdm,
                  checkpointers: list[Checkpointer], start: int):
-        self._runs, self._writers, self._skipped = runs, writers, skipped
+        self._runs, self._writers = runs, writers
         self._lr_schedule, self._bar, self._checkpointers = lr_schedule, bar, checkpointers
         self._config = runs[0].config
-        # Each step's metrics (stacked over runs) and which runs it trained (did not skip).
-        self._window: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
+        self._skipped = np.asarray([m.get("nonfinite_skipped", 0) for m in resumed])
+        # Per run, the metrics of the steps it trained (did not skip) since its last record;
+        # float32 as the device computed them (JSON keeps float32 values exactly).
+        self._window: list[list[dict[str, np.float32]]] = [
+            [{k: np.float32(v) for k, v in m.items()} for m in r.get("train_window", [])]
+            for r in resumed]
         self._last_time, self._last_step = time.perf_counter(), start
+
+    def position(self, i: int) -> dict:
+        return {"nonfinite_skipped": int(self._skipped[i]),
+                "train_window": [{k: float(v) for k, v in m.items()} for m in self._window[i]]}
 
     def add(self, step: int, device_metrics) -> None:
         """Takes one step's metrics: stacked over the runs, or a list with one dict per run."""
@@ -265,15 +311,16 @@ class _TrainRecords:
                             f"{self._checkpointers[i].latest_step()}) intact" for i in diverged)
                 + ". Lower optim.learning_rate or set optim.grad_clip_norm, or skip such batches "
                 "with --config.nonfinite=skip.")
-        self._window.append((metrics, ~flagged))
+        for i in np.flatnonzero(~flagged):
+            self._window[i].append({k: np.float32(v[i]) for k, v in metrics.items()})
         if step % self._config.log_every_steps == 0:
             self._write(step)
 
     def _write(self, step: int) -> None:
         learning_rate = float(self._lr_schedule(step - 1))
         for i, writer in enumerate(self._writers):
-            kept = [m for m, trained in self._window if trained[i]]
-            record = {k: float(np.mean([m[k][i] for m in kept])) for k in (kept or [{}])[0]}
+            kept = self._window[i]
+            record = {k: float(np.mean([m[k] for m in kept])) for k in (kept or [{}])[0]}
             record["learning_rate"] = learning_rate
             if self._config.nonfinite == "skip":
                 record["nonfinite_skipped"] = int(self._skipped[i])
@@ -281,8 +328,11 @@ class _TrainRecords:
         now = time.perf_counter()
         rate = (len(self._runs) * (step - self._last_step) * self._config.batch_size
                 / max(now - self._last_time, 1e-9))
-        self._bar.set_postfix(loss=f"{np.mean([m['loss'] for m, _ in self._window]):.3f}",
-                              acc=f"{np.mean([m['accuracy'] for m, _ in self._window]):.3f}",
-                              img_s=f"{rate:,.0f}")
+        steps = [m for window in self._window for m in window]
+        if steps:
+            self._bar.set_postfix(loss=f"{np.mean([m['loss'] for m in steps]):.3f}",
+                                  acc=f"{np.mean([m['accuracy'] for m in steps]):.3f}",
+                                  img_s=f"{rate:,.0f}")
         self._last_time, self._last_step = now, step
-        self._window.clear()
+        for window in self._window:
+            window.clear()

@@ -18,6 +18,13 @@ Strategies (`resolve_strategy`; "auto" picks per backend; `programs.make_runner`
     XLA:CPU a vmapped step ran slower per model than sequential single-model steps
     (BENCHMARKS.md).
 
+Shards: a sweep too large for one machine runs as N processes on a shared filesystem (the tasks
+of a SLURM job array, a Kubernetes indexed job, separate shells), each training the members of
+its slice (`shard_members`) in the same workdir: `train_sweep(..., shard=(i, N))`. They hold the
+sweep's lock shared and each member's lock exclusively (`lock.py`), so shards run side by side
+while a second process on the same member, a single run or `--fresh` is refused. Any process
+can then collect the results (`member_results`: None for members not finished yet).
+
 Data order: "own" gives each member the batches of its own seed, exactly as its single run reads
 them; "shared" gives every member the batches of the config's seed (members then differ only in
 initialisation, plans and dropout). Batches are read once per data seed and handed to each
@@ -26,8 +33,9 @@ member inside the compiled step. Members train `chunk` at a time (default: all a
 Workdir layout::
 
     WORKDIR/sweep.json                 the sweep: its config plus {"sweep": seeds, rates, order}
-    WORKDIR/.lock                      held while a sweep runs (`lock.py`)
+    WORKDIR/.lock                      held (shared) while any shard of the sweep runs
     WORKDIR/members/<member>/          one run per member, e.g. seed_0-p_local_0.15-p_global_0.5:
+        .lock                          held while a process trains the member
         checkpoints/                   its own (unstacked) train state and metadata with its own
                                        config (seed and rates), as `loop.train` saves them
         metrics.jsonl, tensorboard/    its train and eval records, as `loop.train` writes them
@@ -41,10 +49,12 @@ without training.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-from typing import Sequence
+import re
+from typing import Mapping, Sequence
 
 import jax
 import ml_collections
@@ -55,11 +65,12 @@ from fractal_jax.models import drop_path
 from fractal_jax.models.fractal import FractalNet
 from fractal_jax.training import experiment, loop
 from fractal_jax.training.checkpoint import checkpoint_dir, read_metadata
+from fractal_jax.training.experiment import SWEEP_FILE
+from fractal_jax.training.profiling import PROFILE_DIR
 
 DATA_ORDERS = ("own", "shared")
 STRATEGIES = ("auto", "vmap", "loop")
 MEMBERS_DIR = "members"
-SWEEP_FILE = "sweep.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,10 +168,10 @@ def _record(config: ml_collections.ConfigDict, sweep: Sweep) -> dict:
                                   "sweep": dataclasses.asdict(sweep)}))
 
 
-def _claim_workdir(workdir: str, config: ml_collections.ConfigDict, sweep: Sweep) -> None:
-    """Writes WORKDIR/sweep.json, refusing a workdir that holds another sweep or a single run."""
+def _refuse_other_sweep(workdir: str, current: dict) -> bool:
+    """Raises WorkdirConflictError if `workdir` holds another sweep or a single run; returns
+    whether it holds this sweep."""
     path = os.path.join(workdir, SWEEP_FILE)
-    current = _record(config, sweep)
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             diffs = config_lib.experiment_differences(json.load(f), current)
@@ -169,14 +180,37 @@ def _claim_workdir(workdir: str, config: ml_collections.ConfigDict, sweep: Sweep
                 f"Workdir {workdir!r} holds a different sweep; it differs in:\n  "
                 + "\n  ".join(diffs) + "\nUse another --workdir, or pass --fresh to move the old "
                 "sweep aside and start again.")
-    elif os.path.isdir(checkpoint_dir(workdir)):
+        return True
+    if os.path.isdir(checkpoint_dir(workdir)):
         raise experiment.WorkdirConflictError(
             f"Workdir {workdir!r} holds a single training run, not a sweep. Use another "
             "--workdir, or pass --fresh to move it aside.")
-    if jax.process_index() == 0:
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(current, f, indent=2, sort_keys=True)
-        os.replace(path + ".tmp", path)
+    return False
+
+
+def _claim_workdir(workdir: str, config: ml_collections.ConfigDict, sweep: Sweep) -> None:
+    """Writes WORKDIR/sweep.json, refusing a workdir that holds another sweep or a single run.
+
+    Shards starting together race to write it: the first creates it (a hard link, which fails
+    if the file exists), the others then compare with it.
+    """
+    current = _record(config, sweep)
+    path = os.path.join(workdir, SWEEP_FILE)
+    holds_it = _refuse_other_sweep(workdir, current)
+    if jax.process_index() != 0:
+        return
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w", encoding="utf-8") as f:
+        json.dump(current, f, indent=2, sort_keys=True)
+    if holds_it:  # the same sweep: keep the newest resumable values (e.g. num_train_steps)
+        os.replace(temporary, path)
+        return
+    try:
+        os.link(temporary, path)
+    except FileExistsError:  # another shard was first
+        _refuse_other_sweep(workdir, current)
+    finally:
+        os.remove(temporary)
 
 
 def check_chunk(chunk: int | None) -> None:
@@ -194,16 +228,69 @@ def resolve_strategy(strategy: str) -> str:
     return strategy
 
 
-def train_sweep(config: ml_collections.ConfigDict, workdir: str, sweep: Sweep, *,
-                chunk: int | None = None, strategy: str = "auto") -> list[dict[str, float]]:
-    """Trains (or resumes) every member of `sweep` in `workdir`, `chunk` at a time (default:
-    all); returns each member's final eval metrics, in `sweep.members` order.
+def parse_shard(text: str) -> tuple[int, int]:
+    """"I/N" (shard I of N, counting from 0) as (I, N)."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not int(match[1]) < int(match[2]):
+        raise ValueError(f"shard={text!r} is invalid: it must be I/N with 0 <= I < N, e.g. "
+                         "--shard 0/4 for the first of four shards.")
+    return int(match[1]), int(match[2])
 
-    Config, data and model are checked before the workdir is touched; the sweep holds the
-    workdir's lock throughout, as a single run does.
+
+def shard_from_environment(environ: Mapping[str, str] = os.environ) -> tuple[int, int] | None:
+    """The shard of a SLURM array task, (task's position, number of tasks), None outside one."""
+    if "SLURM_ARRAY_TASK_ID" not in environ:
+        return None
+    try:
+        task, first = int(environ["SLURM_ARRAY_TASK_ID"]), int(environ["SLURM_ARRAY_TASK_MIN"])
+        step, count = (int(environ.get("SLURM_ARRAY_TASK_STEP", 1)),
+                       int(environ["SLURM_ARRAY_TASK_COUNT"]))
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"SLURM_ARRAY_TASK_ID is set but the array's environment is incomplete "
+                         f"or not numbers ({e}); pass --shard I/N explicitly.") from None
+    return parse_shard(f"{(task - first) // step}/{count}")
+
+
+def shard_members(num_members: int, shard: tuple[int, int] | None) -> list[int]:
+    """The indices of the members shard (i, N) trains: the i-th of N contiguous, near-equal
+    slices of `Sweep.members` (seed-major, so a slice's members mostly share seeds and data);
+    every member with None."""
+    if shard is None:
+        return list(range(num_members))
+    index, count = shard
+    return list(range(index * num_members // count, (index + 1) * num_members // count))
+
+
+def member_results(config: ml_collections.ConfigDict, workdir: str, sweep: Sweep
+                   ) -> list[dict[str, float] | None]:
+    """Each member's final eval metrics, in `sweep.members` order; None for a member that has
+    not reached config.num_train_steps (not started, still training or stopped)."""
+    return [loop.final_eval(member_dir(workdir, m), config.data.eval_split)
+            if _saved_step(member_dir(workdir, m)) >= config.num_train_steps else None
+            for m in sweep.members]
+
+
+def check_sweep(config: ml_collections.ConfigDict, workdir: str, sweep: Sweep) -> None:
+    """Raises unless `workdir` holds this sweep (before its results are collected)."""
+    if not _refuse_other_sweep(workdir, _record(config_lib.validate(config), sweep)):
+        raise ValueError(f"{workdir!r} holds no sweep ({SWEEP_FILE} is missing); run "
+                                "experiments/sweep_drop_path.py with this --workdir first.")
+
+
+def train_sweep(config: ml_collections.ConfigDict, workdir: str, sweep: Sweep, *,
+                chunk: int | None = None, strategy: str = "auto",
+                shard: tuple[int, int] | None = None) -> list[dict[str, float] | None]:
+    """Trains (or resumes) the members of `sweep` in `workdir` (those of `shard` (i, N), or
+    all), `chunk` at a time (default: all); returns every member's final eval metrics, in
+    `sweep.members` order, None for members not finished (by other shards).
+
+    Config, data and model are checked before the workdir is touched. The process holds the
+    sweep's lock shared and the lock of each member while it trains it.
     """
     config = config_lib.validate(config)
     check_chunk(chunk)
+    if shard is not None:
+        shard = parse_shard(f"{shard[0]}/{shard[1]}")
     strategy = resolve_strategy(strategy)
     experiment.check_batch_sizes(config)
     info = experiment.dataset_info(config)
@@ -212,18 +299,20 @@ def train_sweep(config: ml_collections.ConfigDict, workdir: str, sweep: Sweep, *
         raise ValueError(f"model.name={config.model.name!r} has no drop-path to sweep; use a "
                          "FractalNet (e.g. --config.model.name=fractalnet).")
     os.makedirs(workdir, exist_ok=True)
-    with loop.hold_workdir(workdir):
+    with loop.hold_workdir(workdir, shared=True):
         _claim_workdir(workdir, config, sweep)
-        members = sweep.members
+        members = [sweep.members[i] for i in shard_members(len(sweep.members), shard)]
         chunks = plan_chunks([_saved_step(member_dir(workdir, m)) for m in members],
-                             config.num_train_steps, chunk or len(members))
-        if chunks:
-            trainer = loop.Trainer(config, model, info)
-            for indices in chunks:
+                             config.num_train_steps, chunk or len(members) or 1)
+        trainer = loop.Trainer(config, model, info) if chunks else None
+        for indices in chunks:
+            with contextlib.ExitStack() as held:
+                for i in indices:
+                    os.makedirs(member_dir(workdir, members[i]), exist_ok=True)
+                    held.enter_context(loop.hold_workdir(member_dir(workdir, members[i])))
                 trainer.train([_run_spec(config, sweep, workdir, members[i]) for i in indices],
-                              strategy)
-        return [loop.final_eval(member_dir(workdir, m), config.data.eval_split)
-                for m in members]
+                              strategy, profile_dir=os.path.join(workdir, PROFILE_DIR))
+        return member_results(config, workdir, sweep)
 
 
 def _run_spec(config: ml_collections.ConfigDict, sweep: Sweep, workdir: str,
