@@ -14,7 +14,7 @@ import sys
 import chex
 import pytest
 
-from fractal_jax.training import loop, preemption, profiling
+from fractal_jax.training import loop, preemption, profiling, sweep
 from fractal_jax.training.checkpoint import read_metadata
 from test_faults import _saving, _wait_for, assert_same_run, checkpoint_steps, main_command
 from test_sweep import SWEEP
@@ -178,3 +178,21 @@ def test_bad_profile_steps_are_clear_errors(steps, tmp_path, data_dir):
     with pytest.raises(ValueError, match="profile_steps=.* is invalid: it must be A,B"):
         loop.train(tiny_config(data_dir, profile_steps=steps), str(tmp_path))
     assert not os.listdir(tmp_path)
+
+
+def test_a_signal_between_two_chunks_stops_the_sweep_before_the_next(loop_sweep, tmp_path,
+                                                                     data_dir, monkeypatch):
+    workdir = str(tmp_path / "sweep")
+    train = loop.Trainer.train
+
+    def train_then_signal(self, *args, **kwargs):
+        results = train(self, *args, **kwargs)
+        signal.raise_signal(signal.SIGTERM)  # after the chunk's own StopRequest has ended
+        return results
+
+    monkeypatch.setattr(loop.Trainer, "train", train_then_signal)
+    with pytest.raises(preemption.Preempted, match="stopped before training the next members"):
+        sweep.train_sweep(tiny_config(data_dir), workdir, SWEEP, chunk=1)
+    assert sweep.member_results(tiny_config(data_dir), workdir, SWEEP)[1:] == [None] * 3
+    monkeypatch.undo()
+    assert sweep.train_sweep(tiny_config(data_dir), workdir, SWEEP, chunk=1) == loop_sweep[1]

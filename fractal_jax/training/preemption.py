@@ -28,14 +28,16 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Preempted(Exception):
-    """Training stopped on a signal after saving a checkpoint at `step`; rerun to resume."""
+    """Training stopped on a signal after saving a checkpoint at `step` (None: a sweep between
+    two chunks of members); rerun to resume."""
 
-    def __init__(self, signal_name: str, step: int, workdirs: list[str]):
+    def __init__(self, signal_name: str, step: int | None, workdirs: list[str]):
         self.signal_name, self.step = signal_name, step
+        where = (f"stopped after step {step} and saved a checkpoint of it in" if step is not None
+                 else "stopped before training the next members of")
         super().__init__(
-            f"{signal_name} received: stopped after step {step} and saved a checkpoint of it in "
-            f"{', '.join(workdirs)}. Run the same command again to resume (exit status "
-            f"{EXIT_PREEMPTED} = stopped on request, resumable).")
+            f"{signal_name} received: {where} {', '.join(workdirs)}. Run the same command again "
+            f"to resume (exit status {EXIT_PREEMPTED} = stopped on request, resumable).")
 
 
 class StopRequest:

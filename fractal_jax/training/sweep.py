@@ -63,7 +63,7 @@ from fractal_jax import config as config_lib
 from fractal_jax.checks import check_choice
 from fractal_jax.models import drop_path
 from fractal_jax.models.fractal import FractalNet
-from fractal_jax.training import experiment, loop
+from fractal_jax.training import experiment, loop, preemption
 from fractal_jax.training.checkpoint import checkpoint_dir, read_metadata
 from fractal_jax.training.experiment import SWEEP_FILE
 from fractal_jax.training.profiling import PROFILE_DIR
@@ -305,13 +305,19 @@ def train_sweep(config: ml_collections.ConfigDict, workdir: str, sweep: Sweep, *
         chunks = plan_chunks([_saved_step(member_dir(workdir, m)) for m in members],
                              config.num_train_steps, chunk or len(members) or 1)
         trainer = loop.Trainer(config, model, info) if chunks else None
-        for indices in chunks:
-            with contextlib.ExitStack() as held:
-                for i in indices:
-                    os.makedirs(member_dir(workdir, members[i]), exist_ok=True)
-                    held.enter_context(loop.hold_workdir(member_dir(workdir, members[i])))
-                trainer.train([_run_spec(config, sweep, workdir, members[i]) for i in indices],
-                              strategy, profile_dir=os.path.join(workdir, PROFILE_DIR))
+        # A signal during a chunk stops it after a checkpoint (the loop's own StopRequest); one
+        # between two chunks stops the sweep before the next.
+        with preemption.StopRequest() as between_chunks:
+            for indices in chunks:
+                if between_chunks.should_stop():
+                    raise preemption.Preempted(between_chunks.signal_name, None, [workdir])
+                with contextlib.ExitStack() as held:
+                    for i in indices:
+                        os.makedirs(member_dir(workdir, members[i]), exist_ok=True)
+                        held.enter_context(loop.hold_workdir(member_dir(workdir, members[i])))
+                    trainer.train([_run_spec(config, sweep, workdir, members[i])
+                                   for i in indices],
+                                  strategy, profile_dir=os.path.join(workdir, PROFILE_DIR))
         return member_results(config, workdir, sweep)
 
 
