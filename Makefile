@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/digits
 
-.PHONY: install run test clean
+.PHONY: install install-gpu run test clean
 
 $(VENV)/.installed: requirements.txt
 	python3 -m venv $(VENV)
@@ -12,6 +12,13 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 install: $(VENV)/.installed
+
+# NVIDIA GPUs: the CUDA build of the pinned jax on top of the CPU set-up.
+$(VENV)/.installed-gpu: $(VENV)/.installed requirements-gpu.txt
+	$(PY) -m pip install -q -r requirements-gpu.txt
+	touch $@
+
+install-gpu: $(VENV)/.installed-gpu
 
 run: install
 	$(PY) -m fractal_jax.main --config experiments/configs/digits.py --workdir $(WORKDIR)

@@ -67,6 +67,8 @@ class Setup:
     steps_per_window: int = 8
     windows: int = 3
     sweep_models: int = 4
+    # Further fractalnet20 arguments as (name, value) pairs, e.g. a smaller B and C for tests.
+    model: tuple = ()
 
 
 QUICK = Setup(widths=(16, 32, 64, 128, 128), batch_size=32, steps_per_window=16)
@@ -84,7 +86,7 @@ def _cached_model(setup: Setup, overrides: tuple):
     # which includes the model's bound `apply`.
     from fractal_jax.models.registry import create_model
     return create_model("fractalnet20", setup.num_classes, widths=tuple(setup.widths),
-                        **dict(overrides))
+                        **{**dict(setup.model), **dict(overrides)})
 
 
 def _batch(setup: Setup, seed: int = 0):
@@ -105,10 +107,16 @@ def _optimizer():
 
 def _state(model, setup: Setup, p_local: float, p_global: float, seed: int = 0):
     import jax
+    return _init(model, setup)(jax.random.key(seed), p_local=p_local, p_global=p_global)
+
+
+@functools.lru_cache(maxsize=None)
+def _init(model, setup: Setup):
+    # One compiled initialiser per model: seeds and rates are its arguments, not constants.
+    import jax
     from fractal_jax.training.state import create_train_state
     shape = (1, setup.image_size, setup.image_size, 3)
-    return jax.jit(functools.partial(create_train_state, model, _optimizer(), input_shape=shape,
-                                     p_local=p_local, p_global=p_global))(jax.random.key(seed))
+    return jax.jit(functools.partial(create_train_state, model, _optimizer(), input_shape=shape))
 
 
 def _block(tree):
@@ -217,8 +225,11 @@ CURRENT = dict(conv_impl="xla", pool_impl="reduce_window")
 
 def train_step(model, mode):
     """The train step of a plan mode (`training/programs.py`): "sample" (the whole plan drawn in
-    the step, every unit computed), "local" (the local plan, masked) or a column alone."""
+    the step, every unit computed), "local" (the local plan, masked), "switch" (one program
+    choosing the local or a column program on the device) or a column alone."""
     from fractal_jax.training import programs
+    if mode == "switch":
+        return functools.partial(programs.switched_step, model=model)
     if mode == "sample":
         return functools.partial(programs.sampled_step, model=model)
     if mode == "local":
@@ -247,10 +258,12 @@ def step_flops(setup: Setup, modes) -> float:
 
 
 def train_variant(setup: Setup, name: str, *, p_local: float, p_global: float, skip: bool,
-                  first_step: int = 1, count_flops: bool = True, **model_overrides) -> Variant:
+                  first_step: int = 1, count_flops: bool = True, every_step: str | None = None,
+                  **model_overrides) -> Variant:
     """`steps_per_window` train steps (steps first_step, first_step + 1, ... of the window
-    seed) with the given plan rates, skipping dead work or not; with `count_flops`, the
-    window's reference FLOPs (`step_flops`)."""
+    seed) with the given plan rates, skipping dead work or not (or running the `train_step`
+    mode `every_step` at every step); with `count_flops`, the window's reference FLOPs
+    (`step_flops`)."""
     import numpy as np
     from fractal_jax.training import programs
     model = _model(setup, **model_overrides)
@@ -260,7 +273,7 @@ def train_variant(setup: Setup, name: str, *, p_local: float, p_global: float, s
     window_steps = range(first_step, first_step + setup.steps_per_window)
     # Skipping runs each step's plan-mode program; otherwise every step draws its whole plan.
     modes = (window_modes(seed, np.asarray(window_steps), model.network_schedule, p_global)
-             if skip else ["sample"] * len(window_steps))
+             if skip else [every_step or "sample"] * len(window_steps))
     used = [(model, mode) for mode in dict.fromkeys(modes)]
     compiled = {mode: PROGRAMS.get((model, mode), train_step(model, mode), state, batch,
                                    programs.step_key(seed, 1)) for mode in dict.fromkeys(modes)}
@@ -300,11 +313,11 @@ def eval_variant(setup: Setup, name: str, **model_overrides) -> Variant:
                    PROGRAMS.cost([key]))
 
 
-def matmul_variant(setup: Setup, size: int = 1024) -> Variant:
-    """A large float32 matmul: what FLOP/s XLA reaches on this machine under the same load."""
+def matmul_variant(setup: Setup, size: int = 1024, dtype: str = "float32") -> Variant:
+    """A large matmul: what FLOP/s XLA reaches on this machine under the same load."""
     import jax.numpy as jnp
-    a = jnp.ones((size, size), jnp.float32)
-    key = ("matmul", size)
+    a = jnp.ones((size, size), dtype)
+    key = ("matmul", size, dtype)
     fn = PROGRAMS.get(key, lambda x: x @ x, a, donate=False)
     repeats = 2 * setup.steps_per_window
 
@@ -313,13 +326,14 @@ def matmul_variant(setup: Setup, size: int = 1024) -> Variant:
             out = fn(a)
         _block(out)
 
-    return Variant(f"matmul {size}×{size}×{size} (float32)", window, 0, PROGRAMS.cost([key]),
+    return Variant(f"matmul {size}×{size}×{size} ({dtype})", window, 0, PROGRAMS.cost([key]),
                    flops=repeats * 2.0 * size ** 3)
 
 
-def sweep_variants(setup: Setup) -> list[Variant]:
+def sweep_variants(setup: Setup, patches: bool = True) -> list[Variant]:
     """K models in one vmapped step (shared batch, own rates and keys), with XLA's convolution
-    and with every convolution as patches + (batched) matmul, against K sequential steps."""
+    and (with `patches`) with every convolution as patches + (batched) matmul, against K
+    sequential steps."""
     import jax
     import jax.numpy as jnp
     from fractal_jax.training import programs
@@ -345,7 +359,8 @@ def sweep_variants(setup: Setup) -> list[Variant]:
 
     variants = [Variant(f"sweep: {k} models sequentially (masked step)", sequential, images,
                         PROGRAMS.cost([single_key]))]
-    for label, overrides in (("", {}), (", conv patches", {"conv_impl": "patches"})):
+    for label, overrides in (("", {}), (", conv patches", {"conv_impl": "patches"}))[
+            :2 if patches else 1]:
         vmodel = _model(setup, **overrides)
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[
             _state(vmodel, setup, 0.15, 0.5, seed=i) for i in range(k)])
@@ -378,7 +393,8 @@ def compile_seconds(setup: Setup) -> float:
 
 def _setup_from_json(text: str) -> Setup:
     fields = json.loads(text)
-    return Setup(**{**fields, "widths": tuple(fields["widths"])})
+    model = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in fields["model"])
+    return Setup(**{**fields, "widths": tuple(fields["widths"]), "model": model})
 
 
 def _child(kind: str, setup: Setup, env: dict, *extra: str) -> dict:
@@ -685,6 +701,7 @@ def _fmt(value, digits=1) -> str:
 
 
 MATMUL = "matmul 1024×1024×1024 (float32)"
+GPU_SECTION = "## GPU\n"
 LOOP, ISOLATED = "real training loop (same steps)", "train, paper mix, steps {}..{}, isolated step"
 
 
@@ -899,8 +916,12 @@ def main(argv=None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     text = markdown(mode, setup, env, rows, summary, spread, cache, flags, profile, local,
                     kernels)
-    with open(os.path.join(args.out, "BENCHMARKS.md"), "w") as f:
-        f.write(text)
+    path = os.path.join(args.out, "BENCHMARKS.md")
+    # The GPU section holds experiments/gpu_check.py's table, not this script's: keep it.
+    old = open(path).read() if os.path.exists(path) else ""
+    kept = old[old.index(GPU_SECTION):] if GPU_SECTION in old else ""
+    with open(path, "w") as f:
+        f.write(text + ("\n" + kept if kept else ""))
     result = {"mode": mode, "setup": dataclasses.asdict(setup), "environment": env,
               "rows": rows, "compile_cache": cache, "flags": flags, "profile": profile,
               "local_skip": local, "kernels": kernels,

@@ -22,6 +22,8 @@ vmapped over their stacked states, keys and rates (`vmapped_step`).
 Why host dispatch and not `lax.switch` inside one program: on XLA:CPU, convolutions inside
 conditional branches lose their fast kernels and the switch ran several times slower than
 computing everything (BENCHMARKS.md); separate programs keep every branch a plain program.
+`switched_step` is that alternative, kept to measure it on other backends
+(experiments/gpu_check.py).
 """
 from __future__ import annotations
 
@@ -75,6 +77,21 @@ def column_step(state: TrainState, batch: steps.Batch, key: jax.Array, *, model:
     _, dropout_key = jax.random.split(key)
     return steps.train_step(state, batch, dropout_key, model=model, column=column,
                             skip_nonfinite=skip_nonfinite)
+
+
+def switched_step(state: TrainState, batch: steps.Batch, key: jax.Array, *, model: FractalNet,
+                  skip_nonfinite: bool = False) -> tuple[TrainState, steps.Metrics]:
+    """What `SkippingStep` trains, as one program: the plan kind is drawn on the device and
+    `lax.switch` runs the ``local`` or ``column c`` step (only the chosen branch executes)."""
+    plan_key, _ = jax.random.split(key)  # as in sampled_step
+    is_global, column = drop_path.sample_mode(plan_key, model.network_schedule,
+                                              state.rates["p_global"])
+    branches = [functools.partial(sampled_step, model=model, local=True,
+                                  skip_nonfinite=skip_nonfinite)]
+    branches += [functools.partial(column_step, model=model, column=c,
+                                   skip_nonfinite=skip_nonfinite)
+                 for c in range(1, model.network_schedule.max_columns + 1)]
+    return jax.lax.switch(jnp.where(is_global, column, 0), branches, state, batch, key)
 
 
 def vmapped_step(states: TrainState, batches: tuple[steps.Batch, ...], keys: jax.Array, *,
