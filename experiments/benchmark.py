@@ -211,8 +211,10 @@ def window_seed(setup: Setup, p_global: float = 0.5) -> int:
     raise ValueError(f"no seed gives an even plan mix over {len(steps)} steps")
 
 
-# The code path before per-shape convolutions and slice max-pools: XLA's own ops for both.
-CURRENT = dict(conv_impl="xla", pool_impl="reduce_window")
+# The code path before per-shape convolutions, slice max-pools, the fused BatchNorm and hashed
+# dropout: XLA's own ops, autodiff BatchNorm and flax's threefry dropout.
+CURRENT = dict(conv_impl="xla", pool_impl="reduce_window", bn_impl="autodiff",
+               dropout_impl="threefry")
 
 
 def train_step(model, mode):

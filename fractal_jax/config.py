@@ -34,8 +34,8 @@ WEIGHT_DECAY_TARGETS = ("kernels", "all")
 RESUMABLE_KEYS = ("num_train_steps", "eval_every_steps", "checkpoint_every_steps",
                   "log_every_steps", "keep_checkpoints", "data_dir", "progress_bar",
                   "eval_batch_size", "drop_path.skip", "model.remat", "model.conv_impl",
-                  "model.pool_impl", "nonfinite", "precise_bn.enabled", "precise_bn.num_examples",
-                  "precise_bn.batch_size")
+                  "model.pool_impl", "model.bn_impl", "nonfinite", "precise_bn.enabled",
+                  "precise_bn.num_examples", "precise_bn.batch_size")
 
 
 def default_optim_config() -> ml_collections.ConfigDict:
@@ -83,7 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
         join=ph(str), head=ph(str), stem=ph(str), pool_last_block=ph(bool), bn_momentum=ph(float),
         bn_affine=ph(bool), bn_bias_correction=ph(bool), depth=ph(int),
         stochastic_depth_rate=ph(float), weight_init=ph(str), dtype=ph(str), remat=ph(bool),
-        conv_impl=ph(str), pool_impl=ph(str)))
+        conv_impl=ph(str), pool_impl=ph(str), bn_impl=ph(str), dropout_impl=ph(str)))
     # skip: steps under a global plan compute only the kept column (same results, faster).
     # bn_update: "live" = units a plan leaves dead keep their BatchNorm statistics (needed to
     # skip dead work); "all" = every unit is computed and updates them every step (Caffe).
