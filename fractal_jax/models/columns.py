@@ -24,7 +24,7 @@ class PlainBlock(nn.Module):
     depth: int
     unit: Callable[..., ConvUnit]
     pool: bool = True
-    pool_impl: str = "slices"
+    pool_impl: str = "windows"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

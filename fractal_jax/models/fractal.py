@@ -145,7 +145,7 @@ class FractalBlock(nn.Module):
     pool: bool = True
     pool_then_join: bool = True
     learned_join: bool = False
-    pool_impl: str = "slices"
+    pool_impl: str = "windows"
 
     @nn.compact
     def __call__(self, x: jax.Array, masks: Sequence[jax.Array] | None = None,
@@ -220,7 +220,7 @@ class ConvNet(nn.Module):
     # pool.py, batch_norm.py, dropout.py): the defaults are the fastest measured; "xla",
     # "reduce_window", "autodiff" and "threefry" are the code before them.
     conv_impl: str = "auto"
-    pool_impl: str = "slices"
+    pool_impl: str = "windows"
     bn_impl: str = "auto"
     dropout_impl: str = "hash"
 
