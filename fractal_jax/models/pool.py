@@ -23,12 +23,20 @@ def _windows(x: jax.Array) -> jax.Array:
     return x.reshape(n, h // 2, 2, w // 2, 2, c)
 
 
+def _corners(x6: jax.Array) -> list[jax.Array]:
+    """The four inputs of every window, each (n, h/2, w/2, c)."""
+    return [x6[:, :, i, :, j] for i in (0, 1) for j in (0, 1)]
+
+
 @jax.custom_vjp
 def window_max_pool(x: jax.Array) -> jax.Array:
     """2×2 / stride 2 max-pool of NHWC `x` (even sides) whose gradient goes, in the windows'
-    own layout, to every input equal to its window's maximum (divided among exact ties, as
-    "slices" does): one elementwise pass that XLA fuses with the ReLU and BatchNorm around it."""
-    return _windows(x).max(axis=(2, 4))
+    own layout, to every input equal to its window's maximum, divided among exact ties as
+    "slices" does: one elementwise pass that XLA fuses with the ReLU and BatchNorm around it.
+    Maxima and tie counts come from the four corners (elementwise), not a reduce over the
+    window axes, which XLA:CPU ran 5× slower."""
+    a, b, c, d = _corners(_windows(x))
+    return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
 
 
 def _window_forward(x):
@@ -38,9 +46,10 @@ def _window_forward(x):
 
 def _window_backward(residuals, dy):
     x, y = residuals
-    hit = _windows(x) == y[:, :, None, :, None, :]
-    share = dy / hit.sum(axis=(2, 4), dtype=dy.dtype)
-    return (jnp.where(hit, share[:, :, None, :, None, :], 0).reshape(x.shape),)
+    x6 = _windows(x)
+    ties = sum((corner == y).astype(dy.dtype) for corner in _corners(x6))
+    share = (dy / ties)[:, :, None, :, None, :]
+    return (jnp.where(x6 == y[:, :, None, :, None, :], share, 0).reshape(x.shape),)
 
 
 window_max_pool.defvjp(_window_forward, _window_backward)
@@ -56,7 +65,8 @@ def max_pool_2x2(x: jax.Array, impl: str = "windows") -> jax.Array:
     """
     check_choice("pool_impl", impl, POOL_IMPLS)
     if impl == "windows":
-        return window_max_pool(x)
+        with jax.named_scope("max_pool"):  # the op name the benchmark's profile counts it by
+            return window_max_pool(x)
     if impl == "reduce_window":
         return nn.max_pool(x, (2, 2), strides=(2, 2))
     return jnp.maximum(jnp.maximum(x[:, 0::2, 0::2], x[:, 0::2, 1::2]),
