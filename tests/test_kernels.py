@@ -64,17 +64,29 @@ def test_conv_module_has_nn_conv_parameters():
     np.testing.assert_array_equal(ours["params"]["kernel"], ref["params"]["kernel"])
 
 
-def test_slice_max_pool_equals_reduce_window_in_value_and_gradients():
+def test_max_pools_equal_reduce_window_in_value_and_gradients():
     x = jax.random.normal(jax.random.key(1), (2, 8, 6, 3))
     dy = jax.random.normal(jax.random.key(2), (2, 4, 3, 3))
     values, grads = {}, {}
     for impl in pool.POOL_IMPLS:
         values[impl], grads[impl] = jax.jit(lambda a, impl=impl: (
             lambda y, vjp: (y, vjp(dy)[0]))(*jax.vjp(lambda b: pool.max_pool_2x2(b, impl), a)))(x)
-    np.testing.assert_array_equal(values["slices"], values["reduce_window"])
-    np.testing.assert_array_equal(grads["slices"], grads["reduce_window"])
+    for impl in pool.POOL_IMPLS:
+        np.testing.assert_array_equal(values[impl], values["reduce_window"])
+        np.testing.assert_array_equal(grads[impl], grads["reduce_window"])
     with pytest.raises(ValueError, match="pool_impl='average' is invalid: it must be one of"):
         pool.max_pool_2x2(x, "average")
+
+
+def test_window_max_pool_shares_the_gradient_among_ties_as_slices_do():
+    x = jax.nn.relu(jax.random.normal(jax.random.key(1), (2, 4, 6, 3)))
+    x = x.at[0, 0, 0, 0].set(0.7).at[0, 1, 1, 0].set(0.7)  # a non-zero tie: half each
+    x = x.at[1, 2:4, 2:4, 1].set(0.5)  # a four-way tie: a quarter each
+    dy = jax.random.normal(jax.random.key(2), (2, 2, 3, 3))
+    grads = {impl: jax.vjp(lambda a, impl=impl: pool.max_pool_2x2(a, impl), x)[1](dy)[0]
+             for impl in ("windows", "slices")}
+    np.testing.assert_array_equal(grads["windows"], grads["slices"])
+    np.testing.assert_allclose(grads["windows"][1, 2:4, 2:4, 1], dy[1, 1, 1, 1] / 4)
 
 
 def test_implementations_leave_parameters_and_training_results_alone():
@@ -86,7 +98,8 @@ def test_implementations_leave_parameters_and_training_results_alone():
     kwargs = dict(num_blocks=2, num_columns=3, widths=(4, 8), dropout=(0.0, 0.2))
     models = {impls: fractalnet(5, conv_impl=impls[0], pool_impl=impls[1], bn_impl=impls[2],
                                 **kwargs)
-              for impls in (("xla", "reduce_window", "autodiff"), ("patches", "slices", "fused"))}
+              for impls in (("xla", "reduce_window", "autodiff"), ("patches", "slices", "fused"),
+                            ("auto", "windows", "auto"))}
     variables = {k: m.init(jax.random.key(0), x) for k, m in models.items()}
     first = next(iter(variables.values()))
     for v in variables.values():

@@ -218,7 +218,8 @@ class ConvNet(nn.Module):
     remat: bool = False
     # How convolutions, 2×2 max-pools, BatchNorm and dropout are computed (models/conv.py,
     # pool.py, batch_norm.py, dropout.py): the defaults are the fastest measured; "xla",
-    # "reduce_window", "autodiff" and "threefry" are the code before them.
+    # "reduce_window", "autodiff" and "threefry" are the code before them ("slices": the
+    # max-pool between them).
     conv_impl: str = "auto"
     pool_impl: str = "windows"
     bn_impl: str = "auto"
