@@ -189,6 +189,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 f"dataset {config.dataset!r} needs data.path (its root folder or .npz file)")
     require(isinstance(config.model.get("name"), str), "model.name", config.model.get("name"),
             "it must name a registered model (python -m fractal_jax.models.summary --help)")
+    # How the model computes its layers (imported here: the lists live beside the layers).
+    from fractal_jax.models import batch_norm, conv, dropout, pool
+    for key, choices in (("conv_impl", conv.CONV_IMPLS), ("pool_impl", pool.POOL_IMPLS),
+                         ("bn_impl", batch_norm.BN_IMPLS), ("dropout_impl", dropout.DROPOUT_IMPLS)):
+        if config.model.get(key) is not None:
+            check_choice(f"model.{key}", config.model[key], choices)
     for key in ("p_local", "p_global"):
         value = config.drop_path[key]
         require(isinstance(value, (int, float)) and 0.0 <= value <= 1.0, f"drop_path.{key}",
