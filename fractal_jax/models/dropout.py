@@ -10,6 +10,7 @@ the same key always gives the same mask, on every backend. The streams differ fr
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
@@ -34,9 +35,7 @@ def hash_dropout(key: jax.Array, x: jax.Array, rate: float,
     if rate == 1.0:
         return jnp.zeros_like(x)
     shape = tuple(1 if d in broadcast_dims else n for d, n in enumerate(x.shape))
-    size = 1
-    for n in shape:
-        size *= n
+    size = math.prod(shape)
     if size >= 2**32:
         raise ValueError(f"hash_dropout counts elements in 32 bits; got a mask of {size}.")
     with jax.named_scope("Dropout"):  # the op name the benchmark's profile counts dropout by

@@ -82,8 +82,9 @@ class LearnedJoin(nn.Module):
 class ConvUnit(nn.Module):
     """3×3 conv (no bias) → BatchNorm → ReLU, with dropout before BN ([Caffe]) or after ReLU.
 
-    BatchNorm keeps bias-corrected running statistics (`batch_norm.BatchNorm`, Caffe's rule);
-    ``bn_bias_correction=False`` is flax's uncorrected rule, as an ablation.
+    BatchNorm keeps bias-corrected running statistics (`batch_norm.BatchNorm`, Caffe's rule,
+    computed as `bn_impl` says); ``bn_bias_correction=False`` is flax's uncorrected
+    `nn.BatchNorm`, as an ablation (it ignores `bn_impl`).
     """
 
     features: int

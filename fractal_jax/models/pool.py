@@ -34,8 +34,9 @@ def _corners(x6: jax.Array) -> list[jax.Array]:
 @jax.custom_vjp
 def window_max_pool(x: jax.Array) -> jax.Array:
     """2×2 / stride 2 max-pool of NHWC `x` (even sides) whose gradient goes, in the windows'
-    own layout, to every input equal to its window's maximum, divided among exact ties as
-    "slices" does: one elementwise pass that XLA fuses with the ReLU and BatchNorm around it.
+    own layout, to every input equal to its window's maximum, divided equally among exact ties
+    (as "slices" divides two or four tied inputs; three get 1/4, 1/4, 1/2 there): one
+    elementwise pass that XLA fuses with the ReLU and BatchNorm around it.
     Maxima and tie counts come from the four corners (elementwise), not a reduce over the
     window axes, which XLA:CPU ran 5× slower."""
     a, b, c, d = _corners(_windows(x))
@@ -64,7 +65,7 @@ def max_pool_2x2(x: jax.Array, impl: str = "windows") -> jax.Array:
     reduce-window ("reduce_window").
 
     They differ only in the gradient at exact ties, which "windows" and "slices" share between
-    the tied inputs and the reduce-window gives to one; after a ReLU the common tie is at 0,
+    the tied inputs (`window_max_pool`) and the reduce-window gives to one; after a ReLU the common tie is at 0,
     where no gradient passes the ReLU either way.
     """
     check_choice("pool_impl", impl, POOL_IMPLS)
