@@ -6,8 +6,9 @@
 
 Measures train images/s with the full, local-only, global-only and paper-mixed drop-path plans,
 with skipping dead work on and off (`training/programs.py`), and the full and paper-mixed steps
-of the code path before per-shape convolutions and slice max-pools ("current code":
-`conv_impl="xla"`, `pool_impl="reduce_window"`); eval images/s; a K-model vmapped sweep step
+of the code path before per-shape convolutions, window max-pools, the fused BatchNorm and hashed
+dropout ("current code": `conv_impl="xla"`, `pool_impl="reduce_window"`, `bn_impl="autodiff"`,
+`dropout_impl="threefry"`); eval images/s; a K-model vmapped sweep step
 (XLA's grouped convolutions, or patches + batched matmuls) against K sequential steps; a large
 matmul, whose FLOP/s each train row is compared with; the real training loop (`loop.train`)
 against the isolated step over the same steps; compile time and memory; the share of local-step
@@ -219,8 +220,10 @@ def window_seed(setup: Setup, p_global: float = 0.5) -> int:
     raise ValueError(f"no seed gives an even plan mix over {len(steps)} steps")
 
 
-# The code path before per-shape convolutions and slice max-pools: XLA's own ops for both.
-CURRENT = dict(conv_impl="xla", pool_impl="reduce_window")
+# The code path before per-shape convolutions, window max-pools, the fused BatchNorm and hashed
+# dropout: XLA's own ops, autodiff BatchNorm and flax's threefry dropout.
+CURRENT = dict(conv_impl="xla", pool_impl="reduce_window", bn_impl="autodiff",
+               dropout_impl="threefry")
 
 
 def train_step(model, mode):
@@ -431,7 +434,7 @@ def kernel_shapes(setup: Setup) -> list[tuple[int, int, int]]:
 
 def bench_kernels(setup: Setup) -> list[dict]:
     """Forward + backward time of each convolution shape (XLA's convolution vs patches +
-    matmul) and each 2×2 max-pool shape (reduce-window vs slices), interleaved per shape."""
+    matmul) and each 2×2 max-pool shape (reduce-window vs windows), interleaved per shape."""
     import jax
     import jax.numpy as jnp
     from fractal_jax.models import conv, pool
@@ -469,7 +472,7 @@ def bench_kernels(setup: Setup) -> list[dict]:
         x = jax.random.normal(key, (setup.batch_size, side, side, width))
         timed(f"max-pool {side}×{side}×{width}", {
             "reduce_window ms": lambda x: pool.max_pool_2x2(x, "reduce_window"),
-            "slices ms": lambda x: pool.max_pool_2x2(x, "slices")}, x)
+            "windows ms": lambda x: pool.max_pool_2x2(x, "windows")}, x)
     return rows
 
 
@@ -725,8 +728,9 @@ def markdown(mode: str, setup: Setup, env: dict, rows: list[dict], summary: dict
              f"falls on all of them: steps 1..{setup.steps_per_window} of run seed "
              f"{window_seed(setup)}, whose plans have a long run's mix (half global, spread "
              "evenly over the columns), the same for every variant. \"current code\" is the code "
-             "path before per-shape convolutions and slice max-pools (`conv_impl=\"xla\"`, "
-             "`pool_impl=\"reduce_window\"`); every other row runs the defaults.", "",
+             "path before per-shape convolutions, window max-pools, the fused BatchNorm and "
+             "hashed dropout (" + ", ".join(f"`{k}=\"{v}\"`" for k, v in CURRENT.items())
+             + "); every other row runs the defaults.", "",
              "Machine: " + ", ".join(f"{k} {v}" for k, v in env.items()), "",
              "| variant | images/s (median) | spread (min..max) | % of matmul FLOP/s "
              "| compile s | temp MB |", "|---|---:|---:|---:|---:|---:|"]
@@ -769,7 +773,7 @@ def markdown(mode: str, setup: Setup, env: dict, rows: list[dict], summary: dict
         lines += ["", "Kernels (`--kernels`): forward + backward of each convolution and max-pool "
                   f"shape, batch {setup.batch_size}, ms per call (medians of interleaved rounds; "
                   "speedup: median of per-round ratios; GFLOP/s of XLA's convolution):", "",
-                  "| shape | XLA / reduce-window ms | patches / slices ms | speedup | "
+                  "| shape | XLA / reduce-window ms | patches / windows ms | speedup | "
                   "XLA GFLOP/s |", "|---|---:|---:|---:|---:|"]
         for k in kernels:
             first, second = [v for n, v in k.items() if n.endswith(" ms")]

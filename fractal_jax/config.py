@@ -34,8 +34,8 @@ WEIGHT_DECAY_TARGETS = ("kernels", "all")
 RESUMABLE_KEYS = ("num_train_steps", "eval_every_steps", "checkpoint_every_steps",
                   "log_every_steps", "keep_checkpoints", "data_dir", "progress_bar",
                   "eval_batch_size", "drop_path.skip", "model.remat", "model.conv_impl",
-                  "model.pool_impl", "nonfinite", "precise_bn.enabled", "precise_bn.num_examples",
-                  "precise_bn.batch_size", "profile_steps")
+                  "model.pool_impl", "model.bn_impl", "nonfinite", "precise_bn.enabled",
+                  "precise_bn.num_examples", "precise_bn.batch_size", "profile_steps")
 
 
 def default_optim_config() -> ml_collections.ConfigDict:
@@ -83,7 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
         join=ph(str), head=ph(str), stem=ph(str), pool_last_block=ph(bool), bn_momentum=ph(float),
         bn_affine=ph(bool), bn_bias_correction=ph(bool), depth=ph(int),
         stochastic_depth_rate=ph(float), weight_init=ph(str), dtype=ph(str), remat=ph(bool),
-        conv_impl=ph(str), pool_impl=ph(str)))
+        conv_impl=ph(str), pool_impl=ph(str), bn_impl=ph(str), dropout_impl=ph(str)))
     # skip: steps under a global plan compute only the kept column (same results, faster).
     # bn_update: "live" = units a plan leaves dead keep their BatchNorm statistics (needed to
     # skip dead work); "all" = every unit is computed and updates them every step (Caffe).
@@ -192,6 +192,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 f"dataset {config.dataset!r} needs data.path (its root folder or .npz file)")
     require(isinstance(config.model.get("name"), str), "model.name", config.model.get("name"),
             "it must name a registered model (python -m fractal_jax.models.summary --help)")
+    # How the model computes its layers (imported here: the lists live beside the layers).
+    from fractal_jax.models import batch_norm, conv, dropout, pool
+    for key, choices in (("conv_impl", conv.CONV_IMPLS), ("pool_impl", pool.POOL_IMPLS),
+                         ("bn_impl", batch_norm.BN_IMPLS), ("dropout_impl", dropout.DROPOUT_IMPLS)):
+        if config.model.get(key) is not None:
+            check_choice(f"model.{key}", config.model[key], choices)
     for key in ("p_local", "p_global"):
         value = config.drop_path[key]
         require(isinstance(value, (int, float)) and 0.0 <= value <= 1.0, f"drop_path.{key}",

@@ -169,3 +169,6 @@ def test_bn_rule_and_precise_evaluation_are_checked_config_keys(data_dir):
                                                      "drop_path.skip": False}))
     with pytest.raises(ValueError, match="precise_bn.num_examples=0 is invalid"):
         config_lib.validate(tiny_config(data_dir, **{"precise_bn.num_examples": 0}))
+    config_lib.validate(tiny_config(data_dir, **{"model.bn_impl": "autodiff"}))
+    with pytest.raises(ValueError, match="model.bn_impl='cudnn' is invalid: it must be one of"):
+        config_lib.validate(tiny_config(data_dir, **{"model.bn_impl": "cudnn"}))

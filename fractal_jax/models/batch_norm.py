@@ -17,14 +17,84 @@ so the first update sets them to its batch's statistics and a layer fed the same
 times holds exactly them. Eval mode reads ``mean`` and ``var`` exactly as flax does, so
 statistics estimated another way (`training/evaluate.py`'s precise statistics) drop in.
 Parameters (``scale``, ``bias``) and statistics are named as in flax.
+
+How training-mode normalisation is computed (`impl`, `use_fused`): "autodiff" lets JAX
+differentiate the statistics; "fused" (`fused_batch_norm`) has a hand-written backward with two
+reductions, and computes every per-channel sum as a matmul with a ones vector. On XLA:CPU the
+column reductions of JAX's gradient were the largest cost of a FractalNet-20 train step once its
+convolutions and max-pools were fast (54% of op time); "fused" ran 3.7-8.6× faster forward + backward (BatchNorm + ReLU) on every map size of the
+benchmark. "auto" picks "fused" on CPU only (not measured elsewhere).
 """
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from fractal_jax.checks import check_choice
+
+BN_IMPLS = ("auto", "autodiff", "fused")
+
+
+def use_fused(impl: str, platform: str | None = None) -> bool:
+    """Whether training-mode BatchNorm uses `fused_batch_norm`: always for "fused", never for
+    "autodiff", and for "auto" on CPU only."""
+    check_choice("bn_impl", impl, BN_IMPLS)
+    if impl != "auto":
+        return impl == "fused"
+    return (platform or jax.default_backend()) == "cpu"
+
+
+def _channel_sum(a: jax.Array) -> jax.Array:
+    """Sum over every axis but the last, as a matmul with ones: XLA:CPU's matmul beats its
+    reduction. In two levels, so that float32 rounding stays that of XLA's reduction: ones (k)
+    @ the (k, r·c) rows sums k ≈ √n terms per entry, then r terms per channel (one level, n
+    terms: the variance at mean/std = 10 was 50× less accurate)."""
+    rows = a.reshape(-1, a.shape[-1])
+    n, c = rows.shape
+    r = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
+    partial = jnp.dot(jnp.ones(n // r, rows.dtype), rows.reshape(n // r, r * c),
+                      precision=jax.lax.Precision.HIGHEST)
+    return partial.reshape(r, c).sum(0)
+
+
+def _fused_forward(x, scale, bias, epsilon):
+    n = x.size // x.shape[-1]
+    x32 = x.astype(jnp.float32)
+    # One pass (mean and mean of squares), as the "autodiff" path computes them.
+    mean = _channel_sum(x32) / n
+    var = jnp.maximum(_channel_sum(jnp.square(x32)) / n - jnp.square(mean), 0.0)
+    rstd = jax.lax.rsqrt(var + epsilon)
+    y = (x32 - mean) * (rstd * scale) + bias
+    return (y, mean, var), (x, mean, rstd, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def fused_batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(y, mean, var): `x` normalised over every axis but the last by its batch statistics,
+    times `scale` plus `bias`, in float32. The statistics outputs carry no gradient: they feed
+    only the running averages, which are never differentiated."""
+    return _fused_forward(x, scale, bias, epsilon)[0]
+
+
+def _fused_backward(epsilon, residuals, cotangents):
+    x, mean, rstd, scale = residuals
+    dy = cotangents[0].astype(jnp.float32)
+    n = x.size // x.shape[-1]
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    dbias = _channel_sum(dy)
+    dscale = _channel_sum(dy * xhat)
+    # d/dx of scale * xhat: the two reductions are also the parameters' gradients.
+    dx = (scale * rstd) * (dy - dbias / n - xhat * (dscale / n))
+    return dx.astype(x.dtype), dscale, dbias
+
+
+fused_batch_norm.defvjp(_fused_forward, _fused_backward)
 
 
 class BatchNorm(nn.Module):
@@ -36,6 +106,7 @@ class BatchNorm(nn.Module):
     use_scale: bool = True
     use_bias: bool = True
     dtype: Any = None
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
@@ -45,23 +116,33 @@ class BatchNorm(nn.Module):
         mean_stat = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
         var_stat = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
         weight = self.variable("batch_stats", "weight", jnp.zeros, (), jnp.float32)
+        scale = (self.param("scale", nn.initializers.ones, features, jnp.float32)
+                 if self.use_scale else None)
+        bias = (self.param("bias", nn.initializers.zeros, features, jnp.float32)
+                if self.use_bias else None)
+        fused = not use_running_average and use_fused(self.impl)
         if use_running_average:
             mean, var = mean_stat.value, var_stat.value
+        elif fused:
+            ones, zeros = jnp.ones(features, jnp.float32), jnp.zeros(features, jnp.float32)
+            y, mean, var = fused_batch_norm(x, ones if scale is None else scale,
+                                            zeros if bias is None else bias, self.epsilon)
         else:
             # Statistics in float32 whatever the compute dtype, as flax does.
             axes = tuple(range(x.ndim - 1))
             x32 = x.astype(jnp.float32)
             mean = x32.mean(axes)
             var = jnp.maximum(jnp.square(x32).mean(axes) - jnp.square(mean), 0.0)
-            if not self.is_initializing():
-                m = self.momentum
-                new_weight = m * weight.value + (1.0 - m)
-                mean_stat.value = (m * weight.value * mean_stat.value + (1.0 - m) * mean) / new_weight
-                var_stat.value = (m * weight.value * var_stat.value + (1.0 - m) * var) / new_weight
-                weight.value = new_weight
-        y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon)
-        if self.use_scale:
-            y = y * self.param("scale", nn.initializers.ones, features, jnp.float32)
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, features, jnp.float32)
+        if not use_running_average and not self.is_initializing():
+            m = self.momentum
+            new_weight = m * weight.value + (1.0 - m)
+            mean_stat.value = (m * weight.value * mean_stat.value + (1.0 - m) * mean) / new_weight
+            var_stat.value = (m * weight.value * var_stat.value + (1.0 - m) * var) / new_weight
+            weight.value = new_weight
+        if not fused:
+            y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon)
+            if scale is not None:
+                y = y * scale
+            if bias is not None:
+                y = y + bias
         return y.astype(self.dtype or x.dtype)

@@ -24,7 +24,7 @@ class PlainBlock(nn.Module):
     depth: int
     unit: Callable[..., ConvUnit]
     pool: bool = True
-    pool_impl: str = "slices"
+    pool_impl: str = "windows"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -64,7 +64,8 @@ def column_network(model: FractalNet, column: int) -> PlainNet:
     shared = {f: getattr(model, f) for f in (
         "num_classes", "num_blocks", "widths", "dropout", "dropout_position", "dropout_type",
         "head", "stem", "pool_last_block", "bn_momentum", "bn_affine", "bn_bias_correction",
-        "weight_init", "dtype", "remat", "conv_impl", "pool_impl")}
+        "weight_init", "dtype", "remat", "conv_impl", "pool_impl", "bn_impl",
+        "dropout_impl")}
     return PlainNet(units_per_block=depths, **shared)
 
 

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from fractal_jax.checks import check_choice
 from fractal_jax.models import drop_path
-from fractal_jax.models.batch_norm import BatchNorm
+from fractal_jax.models.batch_norm import BN_IMPLS, BatchNorm
+from fractal_jax.models.dropout import DROPOUT_IMPLS, hash_dropout
 from fractal_jax.models.layers import ImageNetStem
 from fractal_jax.models.conv import CONV_IMPLS, Conv
 from fractal_jax.models.pool import POOL_IMPLS, max_pool_2x2
@@ -81,8 +82,9 @@ class LearnedJoin(nn.Module):
 class ConvUnit(nn.Module):
     """3×3 conv (no bias) → BatchNorm → ReLU, with dropout before BN ([Caffe]) or after ReLU.
 
-    BatchNorm keeps bias-corrected running statistics (`batch_norm.BatchNorm`, Caffe's rule);
-    ``bn_bias_correction=False`` is flax's uncorrected rule, as an ablation.
+    BatchNorm keeps bias-corrected running statistics (`batch_norm.BatchNorm`, Caffe's rule,
+    computed as `bn_impl` says); ``bn_bias_correction=False`` is flax's uncorrected
+    `nn.BatchNorm`, as an ablation (it ignores `bn_impl`).
     """
 
     features: int
@@ -95,11 +97,16 @@ class ConvUnit(nn.Module):
     kernel_init: Callable = default_kernel_init
     dtype: str = "float32"
     conv_impl: str = "auto"
+    bn_impl: str = "auto"
+    dropout_impl: str = "hash"
 
     def _dropout(self, x: jax.Array, train: bool) -> jax.Array:
         if self.dropout_rate == 0.0:
             return x
         broadcast = (1, 2) if self.dropout_type == "channel" else ()
+        if self.dropout_impl == "hash":
+            return hash_dropout(self.make_rng("dropout"), x, self.dropout_rate, broadcast) \
+                if train else x
         return nn.Dropout(self.dropout_rate, broadcast_dims=broadcast, deterministic=not train)(x)
 
     @nn.compact
@@ -109,7 +116,8 @@ class ConvUnit(nn.Module):
         if self.dropout_position == "before_bn":
             x = self._dropout(x, train)
         # BatchNorm computes its statistics in float32 whatever `dtype` is.
-        norm = BatchNorm if self.bn_bias_correction else nn.BatchNorm
+        norm = (functools.partial(BatchNorm, impl=self.bn_impl) if self.bn_bias_correction
+                else nn.BatchNorm)
         x = norm(use_running_average=not train, momentum=self.bn_momentum,
                  use_scale=self.bn_affine, use_bias=self.bn_affine, dtype=self.dtype,
                  name="BatchNorm_0")(x)
@@ -138,7 +146,7 @@ class FractalBlock(nn.Module):
     pool: bool = True
     pool_then_join: bool = True
     learned_join: bool = False
-    pool_impl: str = "slices"
+    pool_impl: str = "windows"
 
     @nn.compact
     def __call__(self, x: jax.Array, masks: Sequence[jax.Array] | None = None,
@@ -209,10 +217,14 @@ class ConvNet(nn.Module):
     weight_init: str = "xavier"
     dtype: str = "float32"
     remat: bool = False
-    # How convolutions and 2×2 max-pools are computed (models/conv.py, models/pool.py): the
-    # defaults are the fastest measured; "xla" / "reduce_window" are XLA's own ops.
+    # How convolutions, 2×2 max-pools, BatchNorm and dropout are computed (models/conv.py,
+    # pool.py, batch_norm.py, dropout.py): the defaults are the fastest measured; "xla",
+    # "reduce_window", "autodiff" and "threefry" are the code before them ("slices": the
+    # max-pool between them).
     conv_impl: str = "auto"
-    pool_impl: str = "slices"
+    pool_impl: str = "windows"
+    bn_impl: str = "auto"
+    dropout_impl: str = "hash"
 
     def __post_init__(self):
         if not isinstance(self.num_classes, int) or self.num_classes < 1:
@@ -237,6 +249,8 @@ class ConvNet(nn.Module):
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("conv_impl", self.conv_impl, CONV_IMPLS)
         check_choice("pool_impl", self.pool_impl, POOL_IMPLS)
+        check_choice("bn_impl", self.bn_impl, BN_IMPLS)
+        check_choice("dropout_impl", self.dropout_impl, DROPOUT_IMPLS)
         super().__post_init__()
 
     @property
@@ -271,7 +285,8 @@ class ConvNet(nn.Module):
                                  bn_affine=self.bn_affine,
                                  bn_bias_correction=self.bn_bias_correction,
                                  kernel_init=INITS[self.weight_init],
-                                 dtype=self.dtype, conv_impl=self.conv_impl)
+                                 dtype=self.dtype, conv_impl=self.conv_impl,
+                                 bn_impl=self.bn_impl, dropout_impl=self.dropout_impl)
 
     def apply_stem(self, x: jax.Array, train: bool) -> jax.Array:
         self.check_input(x)
