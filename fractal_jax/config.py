@@ -30,6 +30,12 @@ MAX_SHIFT = 4
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("paper", "cosine", "constant", "steps")
 WEIGHT_DECAY_TARGETS = ("kernels", "all")
+# How the model computes its layers (`models/conv.py`, `pool.py`, `batch_norm.py`, `dropout.py`);
+# the lists live here so that checking a config imports no JAX.
+CONV_IMPLS = ("auto", "xla", "patches")
+POOL_IMPLS = ("windows", "slices", "reduce_window")
+BN_IMPLS = ("auto", "autodiff", "fused")
+DROPOUT_IMPLS = ("hash", "threefry")
 # Keys that may change between a run and its resumption without changing the experiment.
 RESUMABLE_KEYS = ("num_train_steps", "eval_every_steps", "checkpoint_every_steps",
                   "log_every_steps", "keep_checkpoints", "data_dir", "progress_bar",
@@ -192,10 +198,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 f"dataset {config.dataset!r} needs data.path (its root folder or .npz file)")
     require(isinstance(config.model.get("name"), str), "model.name", config.model.get("name"),
             "it must name a registered model (python -m fractal_jax.models.summary --help)")
-    # How the model computes its layers (imported here: the lists live beside the layers).
-    from fractal_jax.models import batch_norm, conv, dropout, pool
-    for key, choices in (("conv_impl", conv.CONV_IMPLS), ("pool_impl", pool.POOL_IMPLS),
-                         ("bn_impl", batch_norm.BN_IMPLS), ("dropout_impl", dropout.DROPOUT_IMPLS)):
+    for key, choices in (("conv_impl", CONV_IMPLS), ("pool_impl", POOL_IMPLS),
+                         ("bn_impl", BN_IMPLS), ("dropout_impl", DROPOUT_IMPLS)):
         if config.model.get(key) is not None:
             check_choice(f"model.{key}", config.model[key], choices)
     for key in ("p_local", "p_global"):

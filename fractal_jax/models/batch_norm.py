@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 
 from fractal_jax.checks import check_choice
+from fractal_jax.config import BN_IMPLS
 
-BN_IMPLS = ("auto", "autodiff", "fused")
 
 
 def use_fused(impl: str, platform: str | None = None) -> bool:

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from fractal_jax.checks import check_choice
+from fractal_jax.config import CONV_IMPLS
 
-CONV_IMPLS = ("auto", "xla", "patches")
 # Where "auto" uses patches on CPU. Measured on a 2-core CPU, 3×3 convolutions forward +
 # backward, batch 32 (`experiments/benchmark.py --kernels` times every shape): patches ran
 # 7.5× faster on 2×2 maps and 1.5× on 3-channel image inputs; XLA's convolution won everywhere

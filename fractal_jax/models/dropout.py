@@ -16,8 +16,6 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-DROPOUT_IMPLS = ("hash", "threefry")
-
 
 def _mix(h: jax.Array) -> jax.Array:
     """A 32-bit integer finaliser (xor-shift-multiply; full avalanche): uint32 -> uint32."""

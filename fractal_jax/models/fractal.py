@@ -16,12 +16,13 @@ import jax
 import jax.numpy as jnp
 
 from fractal_jax.checks import check_choice
+from fractal_jax.config import BN_IMPLS, CONV_IMPLS, DROPOUT_IMPLS, POOL_IMPLS
 from fractal_jax.models import drop_path
-from fractal_jax.models.batch_norm import BN_IMPLS, BatchNorm
-from fractal_jax.models.dropout import DROPOUT_IMPLS, hash_dropout
+from fractal_jax.models.batch_norm import BatchNorm
+from fractal_jax.models.dropout import hash_dropout
 from fractal_jax.models.layers import ImageNetStem
-from fractal_jax.models.conv import CONV_IMPLS, Conv
-from fractal_jax.models.pool import POOL_IMPLS, max_pool_2x2
+from fractal_jax.models.conv import Conv
+from fractal_jax.models.pool import max_pool_2x2
 from fractal_jax.models.schedule import BlockSchedule, NetworkSchedule
 
 # Caffe's "Xavier" filler is uniform with fan-in scaling (spec §1); the others are ablations.

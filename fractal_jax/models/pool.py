@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from fractal_jax.checks import check_choice
+from fractal_jax.config import POOL_IMPLS
 
-POOL_IMPLS = ("windows", "slices", "reduce_window")
 
 
 def _windows(x: jax.Array) -> jax.Array:
