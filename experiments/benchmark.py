@@ -134,7 +134,15 @@ class Programs:
         self.compile_s: dict = {}
         self.temp_mb: dict = {}
 
+    @staticmethod
+    def _identity(key) -> tuple:
+        # Flax modules compare equal by their fields, but models of setups that differ only in
+        # batch size need programs of their own: a key names its model by identity.
+        import flax.linen as nn
+        return tuple(("model", id(k)) if isinstance(k, nn.Module) else k for k in key)
+
     def get(self, key, fn: Callable, *example_args, donate: bool = True):
+        key = self._identity(key)
         if key not in self._compiled:
             import jax
             start = time.perf_counter()
@@ -151,7 +159,7 @@ class Programs:
         """compile_s: seconds to compile the programs `keys` (what running that variant from
         scratch costs; shared programs are compiled once); temp_mb: the largest temporary
         memory among them."""
-        keys = list(keys)
+        keys = [self._identity(k) for k in keys]
         temps = [self.temp_mb[k] for k in keys if self.temp_mb[k] is not None]
         return {"compile_s": sum(self.compile_s[k] for k in keys),
                 "temp_mb": max(temps) if temps else None}
@@ -173,15 +181,18 @@ class Variant:
     flops: float | None = None
 
 
-def measure(variants: list[Variant], setup: Setup) -> list[dict]:
+def measure(variants: list[Variant], setup: Setup, deadline: float | None = None) -> list[dict]:
     """Rows of `variants` timed in interleaved rounds (A B C ... A B C ...): one untimed warm-up
-    window each, then `setup.windows` rounds of one window of every variant. A ratio of two
-    rows is then the median of per-round ratios, so a change of machine load between rounds
-    moves both sides of it (`ratios`)."""
+    window each, then `setup.windows` rounds of one window of every variant (fewer, but at least
+    one, once `time.monotonic()` passes `deadline`). A ratio of two rows is then the median of
+    per-round ratios, so a change of machine load between rounds moves both sides of it
+    (`ratios`)."""
     for v in variants:
         v.window()
     times: dict[str, list[float]] = {v.name: [] for v in variants}
-    for _ in range(setup.windows):
+    for round_ in range(setup.windows):
+        if round_ and deadline is not None and time.monotonic() > deadline:
+            break
         for v in variants:
             start = time.perf_counter()
             counted = v.window()
@@ -859,7 +870,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--xla-defaults", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    configure_jax(cpu_flags=not args.xla_defaults)
+    configure_jax(default_flags=not args.xla_defaults)
     if args.child == "compile":
         print(json.dumps({"compile_s": compile_seconds(_setup_from_json(args.setup_json))}))
         return {}

@@ -5,9 +5,10 @@
         [--data_order own|shared] [--chunk N] [--fresh] [--shard I/N | --collect] \
         [--config.KEY=VALUE ...]
 
-Members train together (`fractal_jax.training.sweep`): on accelerators through one compiled
-train step vmapped over all members, or over `--chunk` of them at a time when they do not fit
-in memory together; on CPU one after another through their single-run steps (`--strategy`).
+Members train together (`fractal_jax.training.sweep`): by default one after another through
+their single-run steps, which skip dead work and measured faster on CPU and GPU; with
+`--strategy vmap` through one compiled train step vmapped over all members, or over `--chunk`
+of them at a time when they do not fit in memory together.
 Each equals the single run of its seed and rates (within float tolerance, or exactly for loop).
 Writes WORKDIR/sweep_results.csv, .md and .png (eval accuracy, mean ± std over seeds for every
 rate pair, full network and each column) and one run directory per member under
@@ -49,7 +50,7 @@ flags.DEFINE_bool("collect", False, "Train nothing: write the results of a sweep
                   "have finished (trained by shards), or name the ones still missing.")
 flags.DEFINE_enum("strategy", "auto", ["auto", "vmap", "loop"], "vmap: one compiled step for "
                   "all members of a chunk; loop: each member's single-run step in turn (dead "
-                  "work skipped); auto: loop on CPU, vmap on accelerators.")
+                  "work skipped); auto: loop, the faster on every backend measured (CPU, GPU).")
 
 
 def parse_values(name: str, values: list[str] | None, default, kind: type) -> tuple:

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 from experiments import gpu_check
+from fractal_jax import config as config_lib
 from fractal_jax.training import checkpoint
 from fractal_jax.training.metrics import METRICS_FILE
 
@@ -35,17 +36,42 @@ def test_runs_that_differ_in_one_bit_are_not_identical(tmp_path):
     assert gpu_check.compare_runs(a, _run(tmp_path / "d", 1.0, 0.25))["metrics_lines_differing"] == 1
 
 
+def test_digits_runs_of_any_length_are_valid_configs():
+    # 100 steps once failed on a GPU: checkpoints must fall on log-window boundaries.
+    for steps in (4, 100, 120, 1500):
+        config = config_lib.validate(gpu_check.digits_config(tiny=False, steps=steps))
+        assert config.num_train_steps == steps
+        assert config.checkpoint_every_steps % config.log_every_steps == 0
+
+
+def test_the_budget_is_shared_in_priority_order(tmp_path):
+    # A spent budget skips every section after the first, and each still gets its entry.
+    result = gpu_check.main(["--tiny", "--budget", "0.001", "--sections", "devices,memory",
+                             "--out", str(tmp_path)])
+    statuses = {k: v["status"] for k, v in result["sections"].items()}
+    assert statuses["devices"] == "done" or statuses["devices"].startswith("skipped")
+    assert statuses["memory"] == "skipped (budget spent)"
+    assert "## (g) peak device memory" in (tmp_path / "gpu_check.md").read_text()
+
+
 @pytest.mark.slow
-def test_the_tiny_check_has_every_row_and_bit_identical_reruns(tmp_path):
+def test_the_tiny_check_runs_every_section_and_reruns_are_bit_identical(tmp_path):
     result = gpu_check.main(["--tiny", "--out", str(tmp_path)])
     assert result["mode"] == "tiny"
-    assert [r["check"] for r in result["rows"]] == list(gpu_check.CHECKS)
+    sections = result["sections"]
+    assert list(sections) == [name for name, _, _ in gpu_check.SECTIONS]
+    assert all(s["status"] == "done" and s["rows"] for s in sections.values()), sections
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["sections"] == sections
     text = (tmp_path / "gpu_check.md").read_text()
-    assert all(f"| {check} |" in text for check in gpu_check.CHECKS)
-    assert json.loads((tmp_path / "gpu_check.json").read_text())["rows"] == result["rows"]
-    assert set(result["determinism"]) == {"XLA defaults", gpu_check.DETERMINISM_FLAG}
-    for label, same in result["determinism"].items():
-        assert same["identical"] and same["arrays"] > 0 and same["metrics_lines"] > 0, label
-    rows = {r["check"]: r["result"] for r in result["rows"]}
-    assert rows["bit-identical reruns, XLA defaults"] == "yes"
-    assert rows[f"bit-identical reruns, {gpu_check.DETERMINISM_FLAG}"] == "yes"
+    checks = {r["check"]: r for s in sections.values() for r in s["rows"]}
+    assert all(f"| {check} |" in text for check in checks)
+    for flag in (gpu_check.NO_DETERMINISM_FLAG, gpu_check.DETERMINISM_FLAG):
+        row = checks[f"bit-identical reruns, {flag}"]
+        assert row["result"] == "yes" and "0 of 35 arrays differ" in row["detail"], row
+    # Every layer lever that differs from this backend's defaults has its ratio row.
+    for option, value in gpu_check.layer_levers("cpu"):
+        assert f"masked step, {option}={value}" in checks
+    for k in gpu_check.TINY.sweep_sizes:
+        assert f"vmapped ÷ sequential, {k} models" in checks
+    assert "train images/s, one lax.switch program" in checks
+    assert "largest XLA temporary memory" in checks  # CPUs report no device memory peak

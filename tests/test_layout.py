@@ -59,3 +59,17 @@ def test_loading_a_config_file_imports_neither_tensorflow_nor_jax():
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_default_xla_flags_follow_the_installed_backend_and_yield_to_the_user():
+    from fractal_jax import runtime
+    cpu = runtime.default_xla_flags("", set())
+    assert cpu.split() == list(runtime.CPU_XLA_FLAGS)
+    # A GPU install gets the determinism flag and none of the CPU build's flags.
+    assert runtime.default_xla_flags("", {"xla_cuda13"}).split() == list(runtime.GPU_XLA_FLAGS)
+    assert runtime.default_xla_flags("", {"xla_rocm7"}).split() == list(runtime.GPU_XLA_FLAGS)
+    assert runtime.default_xla_flags("--a=1", {"libtpu"}) == "--a=1"
+    mine = "--xla_gpu_deterministic_ops=false"
+    assert runtime.default_xla_flags(mine, {"xla_cuda12"}) == mine
+    # The machine running this test has no accelerator plugin.
+    assert runtime.installed_plugins() == set()

@@ -114,8 +114,9 @@ def test_loop_strategy_members_are_their_single_runs_bit_for_bit(single, tmp_pat
     chex.assert_trees_all_equal(final_state(swept), final_state(single[0]))
 
 
-def test_auto_strategy_is_loop_on_cpu_and_bad_strategies_are_refused():
-    assert sweep.resolve_strategy("auto") == "loop"  # the test suite runs on CPU
+def test_auto_strategy_is_loop_and_bad_strategies_are_refused():
+    assert sweep.resolve_strategy("auto") == "loop"
+    assert sweep.resolve_strategy("vmap") == "vmap"
     with pytest.raises(ValueError, match="strategy='pmap' is invalid: it must be one of 'auto'"):
         sweep.resolve_strategy("pmap")
 
