@@ -62,13 +62,16 @@ def start(argv: list[str]) -> None:
 
 
 def prepare_workdir(config, workdir: str, fresh: bool) -> None:
-    """Joins a multi-host run if the config asks for it and, with `fresh`, moves an existing
+    """Joins a multi-process job if the config or the launcher asks for it (refusing processes
+    started with different configs, workdirs or code) and, with `fresh`, moves an existing
     workdir aside (after the config was validated, so a bad value moves nothing)."""
-    from fractal_jax.training import experiment, parallel
-    if config.distributed:
-        parallel.initialize_distributed()
+    from fractal_jax.training import experiment, multihost
+    if multihost.requested(config.distributed):
+        multihost.initialize(config.host_timeout_s)
+        multihost.check_same_job(config_lib.to_json_dict(config), workdir)
     if fresh:
-        moved = experiment.move_aside(workdir)
+        moved = multihost.decide("move the workdir aside",
+                                 lambda: experiment.move_aside(workdir))
         if moved:
             logging.info("moved the previous contents of %s to %s", workdir, moved)
 
@@ -84,12 +87,31 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def one_line_errors() -> Iterator[None]:
     """Turns `user_errors` raised inside into ``error: <message>`` and exit status 1, and a stop
     on SIGTERM / SIGINT (after its checkpoint was saved) into ``stopped: <message>`` and exit
-    status `preemption.EXIT_PREEMPTED`, on which job scripts requeue."""
-    from fractal_jax.training import preemption
+    status `preemption.EXIT_PREEMPTED`, on which job scripts requeue.
+
+    On a multi-process job an error every process shares is printed by process 0 (all exit 1);
+    any other error ends every process (`multihost.end_job`): this one exits 1 with it, the
+    others with `multihost.EXIT_PEER_FAILED`."""
+    from fractal_jax.training import multihost, preemption
     try:
         yield
-    except user_errors() as e:
-        raise SystemExit(f"error: {e}") from None
     except preemption.Preempted as e:
-        print(f"stopped: {e}", file=sys.stderr)
+        if multihost.is_primary():
+            print(f"stopped: {e}", file=sys.stderr)
         raise SystemExit(preemption.EXIT_PREEMPTED) from None
+    except multihost.SharedError as e:
+        if not multihost.is_primary():
+            raise SystemExit(1) from None
+        if not e.user_error:
+            multihost.print_traceback(e.__cause__ or e)
+        raise SystemExit(f"error: {e}") from None
+    except Exception as e:
+        user_error = isinstance(e, user_errors())
+        if multihost.is_multiprocess():
+            if not user_error:
+                multihost.print_traceback(e)
+            multihost.end_job(e, f"error: {e}" if user_error else
+                              f"error: {type(e).__name__}: {e}")
+        if user_error:
+            raise SystemExit(f"error: {e}") from None
+        raise

@@ -41,7 +41,8 @@ RESUMABLE_KEYS = ("num_train_steps", "eval_every_steps", "checkpoint_every_steps
                   "log_every_steps", "keep_checkpoints", "data_dir", "progress_bar",
                   "eval_batch_size", "drop_path.skip", "model.remat", "model.conv_impl",
                   "model.pool_impl", "model.bn_impl", "nonfinite", "precise_bn.enabled",
-                  "precise_bn.num_examples", "precise_bn.batch_size", "profile_steps")
+                  "precise_bn.num_examples", "precise_bn.batch_size", "profile_steps",
+                  "distributed", "host_timeout_s")
 
 
 def default_optim_config() -> ml_collections.ConfigDict:
@@ -110,7 +111,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 5_000
     c.keep_checkpoints = 3
     c.progress_bar = True
-    c.distributed = False  # call jax.distributed.initialize() for multi-host runs
+    # Join a multi-process job (`training/multihost.py`): a cluster JAX detects (SLURM, TPU
+    # pods), or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (which
+    # `python -m fractal_jax.launch` sets, and which imply it).
+    c.distributed = False
+    # Seconds after which a process that went silent (killed, crashed, host down) ends the others.
+    c.host_timeout_s = 60.0
     # A NaN/Inf loss or gradient: "stop" the run (its last checkpoint stays good), or "skip" the
     # batch (the state stays as it was; the train records count `nonfinite_skipped`).
     c.nonfinite = "stop"
@@ -188,6 +194,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """
     _check_keys(config, base_config())
     require(isinstance(config.seed, int), "seed", config.seed, "it must be an integer")
+    require(isinstance(config.host_timeout_s, (int, float)) and config.host_timeout_s >= 2,
+            "host_timeout_s", config.host_timeout_s, "it must be at least 2 (seconds)")
     check_choice("dataset", config.dataset, DATASETS)
     check_choice("data.augment", config.data.augment, TIERS)
     require(isinstance(config.data.max_shift, int) and config.data.max_shift >= 0,

@@ -22,11 +22,14 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from fractal_jax.training import multihost
+
 PyTree = Any
 T = TypeVar("T")
 
 CHECKPOINT_DIR = "checkpoints"
 EVAL_STATS_ITEM = "eval_batch_stats"
+METADATA_ITEM = "metadata"  # a JSON item: WORKDIR/checkpoints/<step>/metadata/metadata
 DAMAGED_DIR = "damaged_checkpoints"
 # What Orbax and TensorStore raise for missing, truncated or unparseable files in a step
 # directory (JSONDecodeError and TensorStore's DATA_LOSS / NOT_FOUND are ValueErrors; a missing
@@ -197,7 +200,22 @@ class Checkpointer:
         the resumed run's steps up to theirs) but not deleted, since a read can also fail for a
         passing reason. Raises CheckpointError if every checkpoint is damaged (and moves nothing).
         """
-        found = _newest_readable(self.directory, self.all_steps(), lambda step: self.restore(target, step))
+        def read(step: int) -> tuple[PyTree, dict]:
+            try:
+                return self.restore(target, step), None
+            except CheckpointError as error:
+                return None, error
+
+        def agreed(step: int) -> tuple[PyTree, dict]:
+            # Every process of a multi-host run must fall back alike, or their restores and
+            # saves would no longer match.
+            restored, error = read(step)
+            if not multihost.all_true(f"restored {step}", error is None):
+                raise error or CheckpointError(f"checkpoint {self.directory}/{step} could not be "
+                                               "restored on another process of this job")
+            return restored
+
+        found = _newest_readable(self.directory, self.all_steps(), agreed)
         if found is None:
             return None
         (state, metadata), step = found
@@ -289,19 +307,23 @@ def saved_steps(workdir: str) -> list[int]:
 def read_metadata(workdir: str, step: int | None = None) -> dict | None:
     """Returns the metadata saved with `step` (default: the newest readable one), None if no checkpoints.
 
-    Reads only the JSON item, so a run can refuse a workdir that holds another experiment
-    before building a model. Raises CheckpointError if the metadata cannot be read.
+    Reads only the JSON item, as a plain file: a run can refuse a workdir that holds another
+    experiment before building a model, and one process of a multi-host run can read it alone
+    (an Orbax manager would wait for the others). Raises CheckpointError if the metadata cannot
+    be read.
     """
     directory = checkpoint_dir(workdir)
-    if not os.path.isdir(directory):
-        return None
-    options = ocp.CheckpointManagerOptions(read_only=True, lightweight_initialize=True)
-    with ocp.CheckpointManager(directory, options=options) as manager:
 
-        def read(s: int) -> dict:
-            return _restore_step(manager, s, ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
+    def read(s: int) -> dict:
+        path = os.path.join(directory, str(s), METADATA_ITEM, METADATA_ITEM)
+        try:
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"checkpoint {os.path.join(directory, str(s))} is damaged or "
+                                  f"incompatible: {type(error).__name__}: {error}") from error
 
-        if step is not None:
-            return read(step)
-        found = _newest_readable(directory, list(manager.all_steps()), read)
-        return None if found is None else found[0]
+    if step is not None:
+        return read(step)
+    found = _newest_readable(directory, saved_steps(workdir), read)
+    return None if found is None else found[0]

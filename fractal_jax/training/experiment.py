@@ -17,7 +17,7 @@ from fractal_jax import config as config_lib
 from fractal_jax.data import pipeline
 from fractal_jax.data.sources import DataError
 from fractal_jax.models.registry import create_model
-from fractal_jax.training import parallel
+from fractal_jax.training import multihost, parallel
 from fractal_jax.training.checkpoint import read_metadata
 from fractal_jax.training.lock import workdir_lock
 
@@ -113,7 +113,12 @@ def checkpoint_metadata(config: ml_collections.ConfigDict, step: int, *, data_se
 
 def refuse_other_experiment(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Raises WorkdirConflictError if `workdir` holds a sweep or a checkpoint of another
-    experiment."""
+    experiment (decided by process 0 for every process of a multi-host run)."""
+    multihost.decide("check the workdir's experiment",
+                     lambda: _refuse_other_experiment(workdir, config))
+
+
+def _refuse_other_experiment(workdir: str, config: ml_collections.ConfigDict) -> None:
     if os.path.exists(os.path.join(workdir, SWEEP_FILE)):
         raise WorkdirConflictError(
             f"Workdir {workdir!r} holds a drop-path sweep, not a single run; its members are "

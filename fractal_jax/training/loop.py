@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 import time
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import ml_collections
@@ -26,8 +26,8 @@ import numpy as np
 import tqdm
 
 from fractal_jax import config as config_lib
-from fractal_jax.training import (evaluate, experiment, optim, parallel, preemption, profiling,
-                                  programs)
+from fractal_jax.training import (evaluate, experiment, multihost, optim, parallel, preemption,
+                                  profiling, programs)
 from fractal_jax.training.checkpoint import Checkpointer, CheckpointError
 from fractal_jax.training.lock import workdir_lock
 from fractal_jax.training.metrics import MetricsWriter, read_metrics, truncate_metrics
@@ -53,23 +53,30 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (or resumes) the experiment in `workdir`; returns its final eval metrics.
 
     Config, data and model are checked before the workdir is touched. The run holds the
-    workdir's lock throughout (`lock.py`), so a second run on the same workdir is refused.
+    workdir's lock throughout (`lock.py`), so a second run on the same workdir is refused. On a
+    multi-host run every process calls this; the workdir must be on a filesystem they all see.
     """
     config = config_lib.validate(config)
     experiment.check_batch_sizes(config)
     info = experiment.dataset_info(config)
     model = experiment.build_model(config, info.num_classes)
-    os.makedirs(workdir, exist_ok=True)
+    multihost.decide("create the workdir", lambda: os.makedirs(workdir, exist_ok=True))
+    multihost.check_shared_directory(workdir)
     with hold_workdir(workdir):
         experiment.refuse_other_experiment(workdir, config)
         return Trainer(config, model, info).train([RunSpec(workdir, config, config.seed)])[0]
 
 
-def hold_workdir(workdir: str, shared: bool = False) -> contextlib.AbstractContextManager:
-    """The workdir's lock (`lock.workdir_lock`), held by process 0 only: the hosts of a
-    multi-host run share it."""
-    return (workdir_lock(workdir, shared) if jax.process_index() == 0
-            else contextlib.nullcontext())
+@contextlib.contextmanager
+def hold_workdir(workdir: str, shared: bool = False) -> Iterator[None]:
+    """The workdir's lock (`lock.workdir_lock`), held by process 0 for the hosts of a
+    multi-host run; refused on every process alike when another run holds it."""
+    with contextlib.ExitStack() as stack:
+        def lock() -> None:
+            stack.enter_context(workdir_lock(workdir, shared))
+
+        multihost.decide("lock the workdir", lock)
+        yield
 
 
 def final_eval(workdir: str, split: str) -> dict[str, float] | None:
@@ -138,8 +145,10 @@ class Trainer:
                 finally:
                     profiler.close()
             split = self.config.data.eval_split
-            return [final_eval(r.workdir, split) or self.evaluate(s, r)[0]
-                    for r, s in zip(runs, states)]
+            # Read once: a process that found no record would evaluate (collectives) alone.
+            finals = multihost.decide("read the final evaluations",
+                                      lambda: [final_eval(r.workdir, split) for r in runs])
+            return [final or self.evaluate(s, r)[0] for final, r, s in zip(finals, runs, states)]
         finally:
             for checkpointer in checkpointers:
                 checkpointer.close()
@@ -169,9 +178,13 @@ class Trainer:
                states: list[TrainState], start: int, resumed: list[dict], strategy: str,
                profiler: profiling.StepProfiler) -> list[dict[str, float]]:
         config, mesh = self.config, self.mesh
-        for r in runs:
-            truncate_metrics(r.workdir, start)
-        writers = [MetricsWriter(r.workdir, purge_step=start + 1) for r in runs]
+        # Process 0 alone writes the records (every process computes them alike).
+        primary = jax.process_index() == 0
+        if primary:
+            for r in runs:
+                truncate_metrics(r.workdir, start)
+        writers = [MetricsWriter(r.workdir, purge_step=start + 1) if primary else _NoRecords()
+                   for r in runs]
         data_seeds = list(dict.fromkeys(r.data_seed for r in runs))
         data_index = np.asarray([data_seeds.index(r.data_seed) for r in runs])
         batches = [experiment.train_batches(config, start, seed=s) for s in data_seeds]
@@ -219,7 +232,8 @@ class Trainer:
                                                for s, r in zip(split_states, runs)])
                         for writer, metrics in zip(writers, evals):
                             writer.write(step, config.data.eval_split, metrics)
-                        bar.write(f"step {step}: {_eval_summary(evals)}")
+                        if primary:
+                            bar.write(f"step {step}: {_eval_summary(evals)}")
                     if save_now or stop_now:
                         self._save(step, runs, checkpointers, split_states, records, evals,
                                    precise)
@@ -247,6 +261,16 @@ class Trainer:
                 run.config, step, data_seed=run.data_seed, **records.position(i))
             checkpointer.save(step, states[i], metadata=metadata, metrics=evals[i],
                               eval_batch_stats=precise[i])
+
+
+class _NoRecords:
+    """The metrics writer of processes other than 0."""
+
+    def write(self, step: int, split: str, metrics) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _eval_summary(evals: list[dict[str, float]]) -> str:

@@ -11,11 +11,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
-def initialize_distributed() -> None:
-    """Joins a multi-host run (coordinator, process ids from the cluster environment)."""
-    jax.distributed.initialize()
-
-
 def create_mesh() -> Mesh:
     # Auto axis types: plain jit + NamedSharding propagation (the default became Explicit).
     return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),

@@ -117,7 +117,8 @@ def plan_kinds(seed: int, step_numbers: np.ndarray, schedule: NetworkSchedule,
                p_global: float) -> list[int | None]:
     """The kind of plan `sampled_step` draws at each of `step_numbers`: the column a global plan
     keeps, or None for a local plan. Computed on the CPU (keys give the same bits everywhere)."""
-    with jax.default_device(jax.devices("cpu")[0]):
+    # This process's own CPU device: jax.devices("cpu")[0] is process 0's on a multi-host run.
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
         is_global, column = jax.device_get(_kinds(
             jax.random.key(seed), jnp.asarray(step_numbers, jnp.uint32), schedule,
             jnp.asarray(p_global, jnp.float32)))

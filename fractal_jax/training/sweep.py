@@ -54,19 +54,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
 from typing import Mapping, Sequence
 
-import jax
 import ml_collections
 
 from fractal_jax import config as config_lib
 from fractal_jax.checks import check_choice
 from fractal_jax.models import drop_path
 from fractal_jax.models.fractal import FractalNet
-from fractal_jax.training import experiment, loop, preemption
+from fractal_jax.training import experiment, loop, multihost, preemption
 from fractal_jax.training.checkpoint import checkpoint_dir, read_metadata
 from fractal_jax.training.experiment import SWEEP_FILE
 from fractal_jax.training.profiling import PROFILE_DIR
@@ -200,8 +200,6 @@ def _claim_workdir(workdir: str, config: ml_collections.ConfigDict, sweep: Sweep
     current = _record(config, sweep)
     path = os.path.join(workdir, SWEEP_FILE)
     holds_it = _refuse_other_sweep(workdir, current)
-    if jax.process_index() != 0:
-        return
     temporary = f"{path}.tmp-{os.getpid()}"
     with open(temporary, "w", encoding="utf-8") as f:
         json.dump(current, f, indent=2, sort_keys=True)
@@ -266,9 +264,10 @@ def member_results(config: ml_collections.ConfigDict, workdir: str, sweep: Sweep
                    ) -> list[dict[str, float] | None]:
     """Each member's final eval metrics, in `sweep.members` order; None for a member that has
     not reached config.num_train_steps (not started, still training or stopped)."""
-    return [loop.final_eval(member_dir(workdir, m), config.data.eval_split)
-            if _saved_step(member_dir(workdir, m)) >= config.num_train_steps else None
-            for m in sweep.members]
+    return multihost.decide("read the members' results", lambda: [
+        loop.final_eval(member_dir(workdir, m), config.data.eval_split)
+        if _saved_step(member_dir(workdir, m)) >= config.num_train_steps else None
+        for m in sweep.members])
 
 
 def check_sweep(config: ml_collections.ConfigDict, workdir: str, sweep: Sweep) -> None:
@@ -299,12 +298,15 @@ def train_sweep(config: ml_collections.ConfigDict, workdir: str, sweep: Sweep, *
     if not isinstance(model, FractalNet):
         raise ValueError(f"model.name={config.model.name!r} has no drop-path to sweep; use a "
                          "FractalNet (e.g. --config.model.name=fractalnet).")
-    os.makedirs(workdir, exist_ok=True)
+    # Decided by process 0 for every process of a multi-host run (`multihost.decide`).
+    multihost.decide("create the workdir", lambda: os.makedirs(workdir, exist_ok=True))
+    multihost.check_shared_directory(workdir)
     with loop.hold_workdir(workdir, shared=True):
-        _claim_workdir(workdir, config, sweep)
+        multihost.decide("claim the workdir", lambda: _claim_workdir(workdir, config, sweep))
         members = [sweep.members[i] for i in shard_members(len(sweep.members), shard)]
-        chunks = plan_chunks([_saved_step(member_dir(workdir, m)) for m in members],
-                             config.num_train_steps, chunk or len(members) or 1)
+        saved = multihost.decide("read the members' steps", lambda: [
+            _saved_step(member_dir(workdir, m)) for m in members])
+        chunks = plan_chunks(saved, config.num_train_steps, chunk or len(members) or 1)
         trainer = loop.Trainer(config, model, info) if chunks else None
         # A signal during a chunk stops it after a checkpoint (the loop's own StopRequest); one
         # between two chunks stops the sweep before the next.
@@ -314,7 +316,8 @@ def train_sweep(config: ml_collections.ConfigDict, workdir: str, sweep: Sweep, *
                     raise preemption.Preempted(between_chunks.signal_name, None, [workdir])
                 with contextlib.ExitStack() as held:
                     for i in indices:
-                        os.makedirs(member_dir(workdir, members[i]), exist_ok=True)
+                        multihost.decide("create a member's workdir", functools.partial(
+                            os.makedirs, member_dir(workdir, members[i]), exist_ok=True))
                         held.enter_context(loop.hold_workdir(member_dir(workdir, members[i])))
                     trainer.train([_run_spec(config, sweep, workdir, members[i])
                                    for i in indices],
