@@ -108,10 +108,8 @@ def one_line_errors() -> Iterator[None]:
     except Exception as e:
         user_error = isinstance(e, user_errors())
         if multihost.is_multiprocess():
-            if not user_error:
-                multihost.print_traceback(e)
             multihost.end_job(e, f"error: {e}" if user_error else
-                              f"error: {type(e).__name__}: {e}")
+                              f"error: {type(e).__name__}: {e}", show_traceback=not user_error)
         if user_error:
             raise SystemExit(f"error: {e}") from None
         raise

@@ -11,11 +11,10 @@ import sys
 
 import chex
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from fractal_jax import config as config_lib
-from fractal_jax.training import experiment, loop
+from fractal_jax.training import checkpoint, experiment, loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tests", "tiny_config.py")
@@ -37,9 +36,7 @@ def tiny_config(data_dir, **overrides):
 
 
 def final_state(workdir):
-    steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
-    path = os.path.join(workdir, "checkpoints", str(steps[-1]), "state")
-    return ocp.StandardCheckpointer().restore(path)
+    return checkpoint.read_state(workdir, checkpoint.saved_steps(workdir)[-1])
 
 
 def metrics_text(workdir):

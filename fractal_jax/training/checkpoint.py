@@ -19,7 +19,10 @@ import os
 import time
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from fractal_jax.training import multihost
@@ -275,8 +278,13 @@ class Checkpointer:
 def _read_item(workdir: str, step: int, item: str) -> PyTree:
     path = os.path.join(checkpoint_dir(workdir), str(step), item)
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            return checkpointer.restore(path)  # no target: as saved, NumPy arrays
+        handler = ocp.PyTreeCheckpointHandler()
+        tree = handler.metadata(epath.Path(path)).tree
+        # NumPy arrays, whatever devices and processes wrote them: a run trained on several
+        # hosts loads in one process (its saved shardings name devices this one lacks).
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        with ocp.Checkpointer(handler) as checkpointer:
+            return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
     except _RESTORE_ERRORS as error:
         raise CheckpointError(f"checkpoint {path} cannot be restored: {error}") from error
 

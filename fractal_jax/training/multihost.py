@@ -250,11 +250,12 @@ def _looks_like_peer_failure(error: BaseException) -> bool:
     return any(word in text for word in _PEER_FAILURE_WORDS)
 
 
-def end_job(error: BaseException, message: str, code: int = 1) -> NoReturn:
+def end_job(error: BaseException, message: str, code: int = 1,
+            show_traceback: bool = False) -> NoReturn:
     """Ends this process after an error of its own, ending the others too: publishes the error
     (so the other processes' watchdogs end them), waits until they acknowledged (at most
-    `_ACK_WAIT_S`), prints `message` and exits with `code`, skipping JAX's shutdown barrier
-    (which would wait for processes that are gone).
+    `_ACK_WAIT_S`), prints `message` (after the traceback, with `show_traceback`) and exits
+    with `code`, skipping JAX's shutdown barrier (which would wait for processes that are gone).
 
     An error that looks like a collective failing because another process is gone first waits
     for the watchdog's diagnosis (which names that process and ends this one itself)."""
@@ -263,9 +264,12 @@ def end_job(error: BaseException, message: str, code: int = 1) -> NoReturn:
         time.sleep(3 * _POLL_S)  # the watchdog exits the process once it has diagnosed
     with _state.lock:
         _state.ending = True
+    if show_traceback:
+        print_traceback(error)
     me = jax.process_index()
     try:
-        _state.client.key_value_set(_key("error", me), f"process {me}: {message}",
+        reason = message[len("error: "):] if message.startswith("error: ") else message
+        _state.client.key_value_set(_key("error", me), f"process {me} failed: {reason}",
                                     allow_overwrite=True)
         deadline = time.monotonic() + _ACK_WAIT_S
         others = set(range(jax.process_count())) - {me}

@@ -80,5 +80,5 @@ class StopRequest:
         from jax.experimental import multihost_utils
         flags = multihost_utils.process_allgather(np.asarray(local, np.int32))
         if flags.any() and self.signal_name is None:
-            self.signal_name = "SIGTERM (on another host)"
+            self.signal_name = "SIGTERM (on another process)"
         return bool(flags.any())
