@@ -7,6 +7,12 @@
 #   sbatch --array=0-3 --export=ALL,WORKDIR=runs/sweep_c10,CONFIG=experiments/configs/cifar10.py \
 #       experiments/slurm_sweep.sh
 #
+# An array task can itself be a multi-process job (several nodes, or one process per GPU): give
+# it more than one task and the script starts them with srun, which joins them as one JAX job
+# (one shard, trained data-parallel over all their devices):
+#
+#   sbatch --array=0-3 --nodes=2 --ntasks-per-node=4 --gres=gpu:4 experiments/slurm_sweep.sh
+#
 # On a time limit or preemption SLURM sends SIGTERM (--signal below: 120 s before the limit);
 # the sweep saves a checkpoint after the step in flight and exits with status 75, on which this
 # script requeues its own task, which then resumes bit-identically. Run from the repository root
@@ -29,8 +35,16 @@ SEEDS=${SEEDS:-0,1,2}
 P_LOCAL=${P_LOCAL:-0,0.15,0.3}
 P_GLOBAL=${P_GLOBAL:-0,0.5}
 
+# Several tasks: srun starts one process per task (it passes SIGTERM on to each of them, and they
+# stop after the same step); JAX finds the job from srun's environment.
+LAUNCH=()
+if [ "${SLURM_NTASKS:-1}" -gt 1 ]; then
+  LAUNCH=(srun)
+  set -- "$@" --config.distributed=True
+fi
+
 # In the background, so that bash can pass SLURM's SIGTERM on while the sweep runs.
-"$PYTHON" experiments/sweep_drop_path.py --config "$CONFIG" --workdir "$WORKDIR" \
+"${LAUNCH[@]}" "$PYTHON" experiments/sweep_drop_path.py --config "$CONFIG" --workdir "$WORKDIR" \
     --seeds "$SEEDS" --p_local "$P_LOCAL" --p_global "$P_GLOBAL" "$@" &
 child=$!
 trap 'kill -TERM "$child" 2>/dev/null' TERM

@@ -114,23 +114,53 @@ def test_signals_stop_the_run_after_a_checkpoint_and_the_rerun_matches(long_refe
     assert_same_run(workdir, long_reference)
 
 
+# What `srun` does for the tasks of one node: one process per task, with its rank, and SIGTERM
+# passed on to each; its status is the largest of theirs.
+STAND_IN_SRUN = """#!/bin/bash
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=$i "$@" &
+  pids+=($!)
+done
+trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
+status=0
+for p in "${pids[@]}"; do
+  while true; do
+    wait "$p"; s=$?
+    if [ "$s" -gt 128 ] && kill -0 "$p" 2>/dev/null; then continue; fi
+    break
+  done
+  if [ "$s" -gt "$status" ]; then status=$s; fi
+done
+exit "$status"
+"""
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("tasks", [1, 2])
 def test_sigterm_to_a_slurm_array_task_stops_the_sweep_requeues_it_and_it_resumes(
-        loop_sweep, tmp_path, data_dir):
-    """experiments/slurm_sweep.sh as task 0 of a 1-task array: SLURM's SIGTERM to the batch shell
-    reaches the sweep, which stops after a checkpoint (status 75), and the script requeues its
-    task (a stand-in `scontrol` records the call). Rerun, the sweep ends as the uninterrupted
-    one, member by member, bit for bit."""
+        loop_sweep, tmp_path, data_dir, tasks):
+    """experiments/slurm_sweep.sh as task 0 of an array, with one process or two (started by
+    srun, here a stand-in, as one JAX job): SLURM's SIGTERM to the batch shell reaches the
+    sweep, which stops after a checkpoint (status 75), and the script requeues its task (a
+    stand-in `scontrol` records the call). Rerun, the sweep ends as the uninterrupted one,
+    member by member, bit for bit (two processes: it finishes and writes its results)."""
+    from fractal_jax.launch import free_port
     workdir = str(tmp_path / "sweep")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     requeued = tmp_path / "requeued"
     (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {requeued}\n')
-    (bin_dir / "scontrol").chmod(0o755)
+    (bin_dir / "srun").write_text(STAND_IN_SRUN)
+    for tool in ("scontrol", "srun"):
+        (bin_dir / tool).chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable,
            "CONFIG": TINY, "WORKDIR": workdir, "SEEDS": "0,1", "P_LOCAL": "0,0.3",
            "P_GLOBAL": "0.5", "SLURM_ARRAY_JOB_ID": "41", "SLURM_ARRAY_TASK_ID": "0",
            "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_COUNT": "1"}
+    if tasks > 1:
+        env.update(SLURM_JOB_ID="43", SLURM_NTASKS=str(tasks), SLURM_STEP_NODELIST="localhost",
+                   SLURM_STEP_NUM_NODES="1", JAX_COORDINATOR_PORT=str(free_port()))
     command = ["bash", "experiments/slurm_sweep.sh", f"--config.data_dir={data_dir}"]
     log = tmp_path / "task.log"
     with open(log, "w") as out:
@@ -150,9 +180,12 @@ def test_sigterm_to_a_slurm_array_task_stops_the_sweep_requeues_it_and_it_resume
     stopped = _stopped_step(output)
     for member in SWEEP.members:
         assert stopped in checkpoint_steps(os.path.join(workdir, "members", member.name))
-    code = subprocess.run(command, cwd=ROOT, env=env, capture_output=True,
-                          timeout=600).returncode
-    assert code == 0
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    if tasks > 1:  # another device count than the in-process reference
+        assert "results:" in result.stdout
+        return
     for member in SWEEP.members:
         assert_same_run(os.path.join(workdir, "members", member.name),
                         os.path.join(loop_sweep[0], "members", member.name))

@@ -12,6 +12,7 @@ deleted.
 """
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import operator
@@ -129,6 +130,10 @@ class Checkpointer:
             # Create a step's directories in `save`, so that a read-only or full disk fails there
             # at once; created in the background, Orbax would wait minutes for them first.
             async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
+            # Orbax names a multi-process save's barriers by step alone; the runs of a sweep
+            # save the same step at once, so each directory gets barriers of its own.
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix=hashlib.sha256(self.directory.encode()).hexdigest()[:12]),
         )
         self._manager = _open_manager(self.directory, options)
         self._saving: int | None = None  # the step of the save in flight, for error messages
