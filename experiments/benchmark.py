@@ -419,6 +419,105 @@ def _child(kind: str, setup: Setup, env: dict, *extra: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def multihost_child(setup: Setup) -> dict:
+    """Images/s of the paper-mixed masked train step over every device of this job, one process
+    or several (joined through the launcher's environment); reported by process 0."""
+    import jax
+    import numpy as np
+    from fractal_jax.training import multihost, parallel, programs
+    from fractal_jax.training.state import create_train_state
+    if multihost.requested(False):
+        multihost.initialize()
+    mesh = parallel.create_mesh()
+    model = _model(setup)
+    shape = (1, setup.image_size, setup.image_size, 3)
+    state = jax.jit(functools.partial(create_train_state, model, _optimizer(), input_shape=shape),
+                    out_shardings=parallel.replicated(mesh))(jax.random.key(0), p_local=0.15,
+                                                             p_global=0.5)
+    rng = np.random.default_rng(0)
+    n, i, size = jax.process_count(), jax.process_index(), setup.batch_size
+    whole = {"image": rng.normal(size=(size, *shape[1:])).astype(np.float32),
+             "label": rng.integers(0, setup.num_classes, size),
+             "mask": np.ones(size, bool)}
+    batch = parallel.to_global({k: v[i * size // n:(i + 1) * size // n]
+                                for k, v in whole.items()}, mesh)
+    step = parallel.jit_train_step(train_step(model, "sample"), mesh)
+    count = setup.steps_per_window * setup.windows
+    keys = [programs.step_key(0, s) for s in range(1, count + 3)]
+    for key in keys[:2]:  # compile and warm up
+        state, _ = step(state, batch, key)
+    _block(state)
+    start = time.perf_counter()
+    for key in keys[2:]:
+        state, _ = step(state, batch, key)
+    _block(state)
+    return {"images_per_s": count * size / (time.perf_counter() - start),
+            "processes": n, "devices": jax.device_count()}
+
+
+def bench_multihost(setup: Setup, rounds: int = 3) -> dict:
+    """The same training on 2 CPU devices as 1 process × 2 devices and as 2 processes × 1 device
+    (collectives between the processes over gloo on 127.0.0.1), in alternating fresh runs; the
+    ratio is the median of per-round ratios (2 processes ÷ 1)."""
+    from fractal_jax import launch
+    command = [sys.executable, __file__, "--child", "multihost", "--setup-json",
+               json.dumps(dataclasses.asdict(setup))]
+    rates: dict[str, list[float]] = {"1 process × 2 devices": [], "2 processes × 1 device": []}
+    for _ in range(rounds):
+        one = dict(os.environ, XLA_FLAGS=with_cpu_flags(
+            "--xla_force_host_platform_device_count=2"))
+        out = subprocess.run(command, env=one, capture_output=True, text=True, check=True)
+        rates["1 process × 2 devices"].append(json.loads(out.stdout.splitlines()[-1])[
+            "images_per_s"])
+        port = launch.free_port()
+        children = [subprocess.Popen(command, env=launch.process_environment(
+            p, 2, port, devices_per_process=1, base={**os.environ, "XLA_FLAGS": with_cpu_flags(
+                "")}), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for p in range(2)]
+        outputs = [c.communicate(timeout=900) for c in children]
+        if any(c.returncode for c in children):
+            raise RuntimeError(f"2-process benchmark failed:\n{outputs[0][1][-3000:]}")
+        rates["2 processes × 1 device"].append(json.loads(
+            outputs[0][0].splitlines()[-1])["images_per_s"])
+    per_round = [b / a for a, b in zip(*rates.values())]
+    return {"rates": rates, "ratio": statistics.median(per_round),
+            "ratio_spread": (min(per_round), max(per_round)), "rounds": rounds,
+            "setup": dataclasses.asdict(setup)}
+
+
+def multihost_markdown(result: dict, env: dict) -> str:
+    setup = result["setup"]
+    lines = [MULTIHOST_SECTION.strip(), "",
+             f"`python experiments/benchmark.py --quick --multihost` ({env['date']}, "
+             f"{env['cpu_count']} cores, {env['processor']}, jax {env['jax']}): the "
+             f"paper-mixed masked train step of FractalNet-20 widths {tuple(setup['widths'])}, "
+             f"batch {setup['batch_size']}, over 2 CPU devices, {result['rounds']} alternating "
+             "rounds of fresh runs, each timing "
+             f"{setup['steps_per_window'] * setup['windows']} steps after 2 warm-up steps.", "",
+             "| layout | images/s per round | median |", "|---|---|---:|"]
+    for name, values in result["rates"].items():
+        lines.append(f"| {name} | {', '.join(f'{v:,.0f}' for v in values)} | "
+                     f"{statistics.median(values):,.0f} |")
+    low, high = result["ratio_spread"]
+    lines += ["", f"2 processes ÷ 1 process: **{result['ratio']:.2f}** (rounds {low:.2f}..{high:.2f})"
+              ": the gradient all-reduce between processes (gloo over loopback TCP) against the "
+              "same all-reduce inside one process, and, where the machine has few cores, two "
+              "XLA:CPU thread pools competing for them. It says nothing about a cluster's "
+              "interconnect (NCCL over NVLink or InfiniBand, TPU ICI): measure there with the "
+              "same command on the real hosts.", ""]
+    return "\n".join(lines)
+
+
+def _replace_section(text: str, heading: str, section: str) -> str:
+    """`text` with its section under `heading` (up to the next "## " heading) replaced by
+    `section`, or `section` appended."""
+    if heading not in text:
+        return text.rstrip("\n") + "\n\n" + section
+    start = text.index(heading)
+    end = text.find("\n## ", start + len(heading))
+    return text[:start] + section + ("" if end < 0 else text[end:])
+
+
 def bench_compile_cache(setup: Setup) -> dict:
     """Compile time of the paper-mixed masked step in a fresh process: with an empty persistent
     cache, then again from what the first process left in it (as a resumed run sees it)."""
@@ -716,6 +815,9 @@ def _fmt(value, digits=1) -> str:
 
 MATMUL = "matmul 1024×1024×1024 (float32)"
 GPU_SECTION = "## GPU\n"
+MULTIHOST_SECTION = "## Multi-process\n"
+# Sections other commands write (gpu_check.py, --multihost), which a full run keeps.
+KEPT_SECTIONS = (MULTIHOST_SECTION, GPU_SECTION)
 LOOP, ISOLATED = "real training loop (same steps)", "train, paper mix, steps {}..{}, isolated step"
 
 
@@ -859,13 +961,17 @@ def main(argv=None) -> dict:
                         help="also break a train step's op time down by category")
     parser.add_argument("--kernels", action="store_true",
                         help="also time each convolution and max-pool shape, both ways")
+    parser.add_argument("--multihost", action="store_true",
+                        help="only compare 2 processes × 1 device with 1 process × 2 devices "
+                        "and rewrite BENCHMARKS.md's Multi-process section")
     parser.add_argument("--widths", type=lambda s: tuple(int(w) for w in s.split(",")),
                         help="override the widths (5 comma-separated ints)")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--windows", type=int)
     parser.add_argument("--steps-per-window", type=int)
     # A child process measuring one thing for the parent (flags are read at process start).
-    parser.add_argument("--child", choices=("compile", "flags", "loop"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("compile", "flags", "loop", "multihost"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--setup-json", help=argparse.SUPPRESS)
     parser.add_argument("--xla-defaults", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -874,6 +980,10 @@ def main(argv=None) -> dict:
     if args.child == "compile":
         print(json.dumps({"compile_s": compile_seconds(_setup_from_json(args.setup_json))}))
         return {}
+    if args.child == "multihost":  # compile time is not measured: the cache may serve
+        result = multihost_child(_setup_from_json(args.setup_json))
+        print(json.dumps(result))
+        return result
     if args.child == "loop":  # the loop needs the persistent cache, in a folder of its own
         import tempfile
         setup = _setup_from_json(args.setup_json)
@@ -898,6 +1008,16 @@ def main(argv=None) -> dict:
     if len(setup.widths) != 5:
         parser.error(f"--widths needs 5 widths (one per block), got {setup.widths}.")
 
+    path = os.path.join(args.out, "BENCHMARKS.md")
+    old = open(path).read() if os.path.exists(path) else ""
+    if args.multihost:
+        result = bench_multihost(setup)
+        os.makedirs(args.out, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(_replace_section(old, MULTIHOST_SECTION,
+                                     multihost_markdown(result, environment())))
+        print(json.dumps({"multihost_ratio": round(result["ratio"], 3), **result["rates"]}))
+        return result
     # The parts in child processes and the profile first: they fail early if they fail.
     loop_rows = bench_loop(setup)
     profile = bench_profile(setup) if args.profile else []
@@ -931,12 +1051,13 @@ def main(argv=None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     text = markdown(mode, setup, env, rows, summary, spread, cache, flags, profile, local,
                     kernels)
-    path = os.path.join(args.out, "BENCHMARKS.md")
-    # The GPU section holds experiments/gpu_check.py's table, not this script's: keep it.
-    old = open(path).read() if os.path.exists(path) else ""
-    kept = old[old.index(GPU_SECTION):] if GPU_SECTION in old else ""
+    for heading in KEPT_SECTIONS:  # written by other commands: keep them
+        if heading in old:
+            start = old.index(heading)
+            end = old.find("\n## ", start + len(heading))
+            text = _replace_section(text, heading, old[start:] if end < 0 else old[start:end])
     with open(path, "w") as f:
-        f.write(text + ("\n" + kept if kept else ""))
+        f.write(text)
     result = {"mode": mode, "setup": dataclasses.asdict(setup), "environment": env,
               "rows": rows, "compile_cache": cache, "flags": flags, "profile": profile,
               "local_skip": local, "kernels": kernels,

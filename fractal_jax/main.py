@@ -5,7 +5,9 @@
 
 Running the same command on the same workdir resumes from its newest good checkpoint. Exit
 status: 0 done, 1 an error that names its fix, 75 stopped by SIGTERM / SIGINT after saving a
-checkpoint (run the same command again to resume).
+checkpoint (run the same command again to resume), 69 (multi-process jobs) another process of
+the job failed or was lost. One job may be several processes (`--config.distributed=True`, or
+`python -m fractal_jax.launch`): see `fractal_jax/training/multihost.py`.
 """
 import os
 

@@ -108,3 +108,11 @@ ENTRY %main {
     assert {n: benchmark._category(n, ops) for n in ops} == {
         "wrapped_iota": "max-pool", "rw": "max-pool", "c": "convolution", "bn": "batchnorm",
         "j": "joins"}
+
+
+def test_sections_other_commands_write_are_replaced_in_place_or_appended():
+    text = "# B\n\nrows\n\n## Multi-process\n\nold\n\n## GPU\n\ngpu table\n"
+    new = benchmark._replace_section(text, benchmark.MULTIHOST_SECTION, "## Multi-process\n\nnew\n")
+    assert new == "# B\n\nrows\n\n## Multi-process\n\nnew\n\n## GPU\n\ngpu table\n"
+    assert benchmark._replace_section("# B\n", benchmark.GPU_SECTION, "## GPU\n\nx\n") == \
+        "# B\n\n## GPU\n\nx\n"

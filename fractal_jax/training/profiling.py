@@ -7,7 +7,8 @@ number. The same steps get a host timeline, logged and written to
 ``WORKDIR/profile/host_timeline.jsonl``: how long the loop waited for the batch, how long
 dispatching the step took, and how long the device then took to finish it. To measure that
 last part the profiled steps are waited for one by one, which changes their timing but not their
-results.
+results. Each process of a multi-process job writes its own ``WORKDIR/profile/process_<i>/``
+(process 0 alone prints).
 """
 from __future__ import annotations
 
@@ -28,7 +29,10 @@ class StepProfiler:
     traces what is left of the range)."""
 
     def __init__(self, steps: tuple[int, ...] | None, directory: str, start: int):
-        self.directory = directory
+        # Processes of one job on one host would overwrite each other's files.
+        self.directory = (directory if jax.process_count() == 1 else
+                          os.path.join(directory, f"process_{jax.process_index()}"))
+        self._say = tqdm.tqdm.write if jax.process_index() == 0 else (lambda text: None)
         self._first, self._last = (steps[0], steps[-1]) if steps else (0, -1)
         self._first = max(self._first, start + 1)
         self._tracing = False
@@ -60,7 +64,7 @@ class StepProfiler:
         entry = {"step": step, "data_wait_ms": 1e3 * data_wait, "dispatch_ms": 1e3 * dispatch,
                  "device_ms": 1e3 * (time.perf_counter() - began)}
         self._timeline.append(entry)
-        tqdm.tqdm.write(f"profile step {step}: data wait {entry['data_wait_ms']:.1f} ms, "
+        self._say(f"profile step {step}: data wait {entry['data_wait_ms']:.1f} ms, "
                         f"dispatch {entry['dispatch_ms']:.1f} ms, device {entry['device_ms']:.1f} ms")
         if step == self._last:
             self.close()
@@ -73,4 +77,4 @@ class StepProfiler:
             with open(os.path.join(self.directory, TIMELINE_FILE), "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(e) + "\n" for e in self._timeline)
             last = self._timeline[-1]["step"] if self._timeline else self._first
-            tqdm.tqdm.write(f"profile of steps {self._first}..{last} written to {self.directory}")
+            self._say(f"profile of steps {self._first}..{last} written to {self.directory}")
