@@ -106,7 +106,8 @@ def main(argv):
         if FLAGS.collect:
             sys.exit(1)
         return
-    paths = sweep_tables.write_sweep_results(FLAGS.workdir, config, spec, results)
+    with cli.one_line_errors():  # a full disk is one line here too
+        paths = sweep_tables.write_sweep_results(FLAGS.workdir, config, spec, results)
     with open(paths[1], encoding="utf-8") as f:
         print(f"\n{f.read()}\nresults: {', '.join(paths)}\n"
               f"members: {os.path.join(FLAGS.workdir, sweep.MEMBERS_DIR)}/")

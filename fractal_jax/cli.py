@@ -78,27 +78,36 @@ def prepare_workdir(config, workdir: str, fresh: bool) -> None:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The errors that name the problem and the fix: a traceback would only hide them."""
-    from fractal_jax.training import checkpoint, lock, loop
-    return (ValueError, loop.NonFiniteLossError, lock.WorkdirLockError,
-            checkpoint.CheckpointError, checkpoint.CheckpointSaveError)
+    from fractal_jax.training import checkpoint, lock, loop, metrics
+    # OSError: a file that cannot be read or written names itself and its cause.
+    return (ValueError, OSError, loop.NonFiniteLossError, lock.WorkdirLockError,
+            checkpoint.CheckpointError, checkpoint.CheckpointSaveError,
+            metrics.MetricsWriteError)
 
 
 @contextlib.contextmanager
 def one_line_errors() -> Iterator[None]:
     """Turns `user_errors` raised inside into ``error: <message>`` and exit status 1, and a stop
     on SIGTERM / SIGINT (after its checkpoint was saved) into ``stopped: <message>`` and exit
-    status `preemption.EXIT_PREEMPTED`, on which job scripts requeue.
+    status `preemption.EXIT_PREEMPTED`, on which job scripts requeue, and a diverged run into
+    ``error: <message>`` and `loop.EXIT_DIVERGED`.
 
     On a multi-process job an error every process shares is printed by process 0 (all exit 1);
     any other error ends every process (`multihost.end_job`): this one exits 1 with it, the
     others with `multihost.EXIT_PEER_FAILED`."""
-    from fractal_jax.training import multihost, preemption
+    from fractal_jax.training import loop, multihost, preemption
     try:
         yield
     except preemption.Preempted as e:
         if multihost.is_primary():
             print(f"stopped: {e}", file=sys.stderr)
         raise SystemExit(preemption.EXIT_PREEMPTED) from None
+    except loop.NonFiniteLossError as e:
+        if multihost.is_multiprocess():  # every process computed the same metrics
+            if not multihost.is_primary():
+                raise SystemExit(loop.EXIT_DIVERGED) from None
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(loop.EXIT_DIVERGED) from None
     except multihost.SharedError as e:
         if not multihost.is_primary():
             raise SystemExit(1) from None

@@ -42,7 +42,7 @@ RESUMABLE_KEYS = ("num_train_steps", "eval_every_steps", "checkpoint_every_steps
                   "eval_batch_size", "drop_path.skip", "model.remat", "model.conv_impl",
                   "model.pool_impl", "model.bn_impl", "nonfinite", "precise_bn.enabled",
                   "precise_bn.num_examples", "precise_bn.batch_size", "profile_steps",
-                  "distributed", "host_timeout_s")
+                  "distributed", "host_timeout_s", "nonfinite_max_consecutive")
 
 
 def default_optim_config() -> ml_collections.ConfigDict:
@@ -120,6 +120,8 @@ def base_config() -> ml_collections.ConfigDict:
     # A NaN/Inf loss or gradient: "stop" the run (its last checkpoint stays good), or "skip" the
     # batch (the state stays as it was; the train records count `nonfinite_skipped`).
     c.nonfinite = "stop"
+    # With nonfinite="skip": more consecutive skipped steps than this stop the run (diverged).
+    c.nonfinite_max_consecutive = 20
     # (A, B): trace steps A..B with jax.profiler into WORKDIR/profile/ and log their host
     # timeline (training/profiling.py); (A,) traces one step; None: no profiling.
     c.profile_steps = ml_collections.config_dict.placeholder(tuple)
@@ -223,6 +225,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             "computed cannot update their statistics); set drop_path.skip=False to update "
             "every unit every step")
     check_choice("nonfinite", config.nonfinite, NONFINITE)
+    require(isinstance(config.nonfinite_max_consecutive, int)
+            and not isinstance(config.nonfinite_max_consecutive, bool)
+            and config.nonfinite_max_consecutive >= 1, "nonfinite_max_consecutive",
+            config.nonfinite_max_consecutive, "it must be an integer >= 1 (steps)")
     require(isinstance(config.precise_bn.enabled, bool), "precise_bn.enabled",
             config.precise_bn.enabled, "it must be True or False")
     _positive_int(config, "precise_bn.num_examples")

@@ -5,8 +5,8 @@
 
 Running the same command on the same workdir resumes from its newest good checkpoint. Exit
 status: 0 done, 1 an error that names its fix, 75 stopped by SIGTERM / SIGINT after saving a
-checkpoint (run the same command again to resume), 69 (multi-process jobs) another process of
-the job failed or was lost. One job may be several processes (`--config.distributed=True`, or
+checkpoint (run the same command again to resume), 65 the run diverged (non-finite values; see
+`nonfinite`), 69 (multi-process jobs) another process of the job failed or was lost. One job may be several processes (`--config.distributed=True`, or
 `python -m fractal_jax.launch`): see `fractal_jax/training/multihost.py`.
 """
 import os
@@ -50,7 +50,7 @@ def main(argv):
         config = config_lib.validate(FLAGS.config)  # before --fresh moves anything
         cli.prepare_workdir(config, FLAGS.workdir, FLAGS.fresh)
         final = loop.train(config, FLAGS.workdir)
-    report(config, FLAGS.workdir, final)
+        report(config, FLAGS.workdir, final)  # curves and tables: a full disk is one line too
 
 
 if __name__ == "__main__":

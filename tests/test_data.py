@@ -12,7 +12,9 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from experiments.configs import imagenet
 from fractal_jax.data import augment, digits, pipeline, prepare, sources
+from fractal_jax.training import experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -461,6 +463,37 @@ def test_imagenet_reads_only_its_batches_resumes_and_pads_eval():
             assert sum(m.sum() for m in masks) == 13
         with pytest.raises(ValueError, match="no labels"):
             pipeline.eval_batches("imagenet2012", batch_size=4, data_dir="unused")
+
+
+def test_imagenet_calibration_is_the_eval_transform_of_the_training_images_in_order():
+    """The ImageNet config's precise-BatchNorm calibration set is its first training examples in
+    the run's order, preprocessed as evaluation does (resize + central crop, no randomness),
+    the same at every call; its training batches keep their random crops and flips."""
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (10, 40, 50, 3), np.uint8), rng.integers(0, 5, 10)
+    # "validation" holds the training images in stored order: evaluation's own pipeline then
+    # gives the eval transform of each training image.
+    builder = _tfds_builder({"train": images, "validation": images},
+                            {"train": labels, "validation": labels}, 5)
+    config = imagenet.get_config()
+    assert config.data.augment == "none"  # the tier ImageNet trains with, on random crops
+    config.update({"data_dir": "unused", "batch_size": 4, "num_train_steps": 1})
+    config.precise_bn.update({"num_examples": 6, "batch_size": 3})
+    with mock.patch.object(sources, "tfds_builder", return_value=builder):
+        first = experiment.calibration_batches(config, len(images))
+        second = experiment.calibration_batches(config, len(images))
+        evaluated = next(pipeline.eval_batches("imagenet2012", batch_size=10, split="validation",
+                                               normalize=config.data.normalize,
+                                               data_dir="unused"))["image"]
+        trained = next(experiment.train_batches(config, 0))["image"]
+        with pytest.raises(ValueError, match="needs augment='none', got augment='\\+'"):
+            pipeline.train_batches("imagenet2012", global_batch_size=4, seed=0, augment="+",
+                                   eval_transform=True, data_dir="unused")
+    order = pipeline.example_indices(np.arange(10), 10, config.seed)
+    assert [b.shape for b in first] == [(3, 224, 224, 3)] * 2
+    np.testing.assert_array_equal(np.concatenate(first), evaluated[order[:6]])
+    chex.assert_trees_all_equal(first, second)
+    assert not np.allclose(trained, evaluated[order[:4]], atol=0.1)  # random crops, not central
 
 
 class _TinyImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):

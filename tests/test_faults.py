@@ -327,7 +327,7 @@ def test_nonfinite_loss_stops_at_its_step_and_skip_mode_skips_and_counts(
     workdir = str(tmp_path)
     _poison(monkeypatch, 5)
     stop = tiny_config(data_dir, checkpoint_every_steps=3)
-    with pytest.raises(loop.NonFiniteLossError, match=r"at step 5;.*checkpoint \(step 3\)"):
+    with pytest.raises(loop.NonFiniteLossError, match=r"At step 5 .*checkpoint \(step 3\)"):
         loop.train(stop, workdir)
     saved = final_state(workdir)
     assert int(saved["step"]) == 3

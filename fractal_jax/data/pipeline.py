@@ -9,6 +9,9 @@ Global example position i = s * global_batch + j (j in 0..global_batch-1) reads 
 exactly once, in a fresh order. Augmentation is numpy, keyed by (seed, s): the flips and
 shifts of the paper's tiers are drawn for the whole global batch and row j goes to
 position j; ImageNet's crop and flip of position j are drawn from the key (seed, s, j).
+With `eval_transform` the same examples, in the same order, are preprocessed as evaluation
+does instead (unaugmented; ImageNet's resize and central crop): a deterministic set of
+training images, e.g. to calibrate BatchNorm statistics.
 
 Multi-host: each process reads and yields only its slice, positions [p * local, (p + 1) *
 local) of each global batch (local = global_batch / process_count), computed exactly as a
@@ -127,19 +130,26 @@ def train_batches(
     process_index: int | None = None,
     process_count: int | None = None,
     num_threads: int | None = None,
+    eval_transform: bool = False,
 ) -> Iterator[Batch]:
     """Returns an iterator over training batches for steps start_step, start_step + 1, ...
 
     Each batch is {"image": float32 (local_batch, H, W, C), "label": int32 (local_batch,)},
     this process's slice of the global batch. The iterator is infinite unless `num_steps`
     is given. `augment` is a tier of `config.TIERS` (translations up to `max_shift` px,
-    horizontal flips if `flip`; ImageNet always uses its own crops), `normalize` one of
-    `config.NORMALIZATIONS` (statistics from `split`). `num_threads` grain threads
-    (default: `default_num_threads`) prepare batches ahead; the batches never depend on it.
+    horizontal flips if `flip`; ImageNet uses its own random crops and flips for every tier,
+    as its config relies on), `normalize` one of `config.NORMALIZATIONS` (statistics from
+    `split`). `eval_transform=True` (with augment="none") preprocesses every example as
+    `eval_batches` does, for every dataset: ImageNet gets its central crop, with no
+    randomness. `num_threads` grain threads (default: `default_num_threads`) prepare batches
+    ahead; the batches never depend on it.
     Errors in the arguments or the data are raised here, not at the first `next()`.
     """
     sources.check_dataset_name(dataset)
     check_choice("augment", augment, TIERS)
+    if eval_transform and augment != "none":
+        raise ValueError(f"eval_transform=True preprocesses as evaluation does, without "
+                         f"augmentation; it needs augment='none', got augment={augment!r}.")
     if not 0 <= max_shift:
         raise ValueError(f"max_shift must be >= 0 pixels, got {max_shift}.")
     lo, hi = _process_slice(global_batch_size, process_index, process_count)
@@ -149,7 +159,7 @@ def train_batches(
             sources.encoded_image_source(sources.tfds_builder(dataset, data_dir), split),
             global_batch_size=global_batch_size, seed=seed, start_step=start_step,
             num_steps=num_steps, normalize=normalize, process_index=process_index,
-            process_count=process_count, num_threads=threads,
+            process_count=process_count, num_threads=threads, eval_transform=eval_transform,
         )
     mean, std = _normalization(dataset, split, data_dir, path, normalize)
     batch_at = functools.partial(
@@ -171,13 +181,16 @@ def encoded_image_train_batches(
     process_index: int | None = None,
     process_count: int | None = None,
     num_threads: int | None = None,
+    eval_transform: bool = False,
 ) -> Iterator[Batch]:
     """Returns ImageNet-style training batches of a random-access `source` of encoded images.
 
     `source[i]` is {"image": JPEG / PNG bytes, "label": int} and `source.__getitems__`
     reads several records at once (as TFDS's ArrayRecord data sources do). Each example is
-    decoded, cropped and flipped by `augment.imagenet_train_image` and normalised with
-    ImageNet's statistics; otherwise the batches are as `train_batches` describes.
+    decoded, cropped and flipped by `augment.imagenet_train_image` (or, with
+    `eval_transform`, centrally cropped by `augment.imagenet_eval_image`, as evaluation does)
+    and normalised with ImageNet's statistics; otherwise the batches are as `train_batches`
+    describes.
     """
     check_choice("normalize", normalize, NORMALIZATIONS)
     lo, hi = _process_slice(global_batch_size, process_index, process_count)
@@ -185,7 +198,7 @@ def encoded_image_train_batches(
     mean, std = _normalization("imagenet2012", "train", None, None, normalize)
     batch_at = functools.partial(
         _imagenet_train_batch, source=source, global_batch=global_batch_size, lo=lo, hi=hi,
-        seed=seed, mean=mean, std=std,
+        seed=seed, mean=mean, std=std, eval_transform=eval_transform,
     )
     threads = default_num_threads("imagenet2012") if num_threads is None else num_threads
     return _iterate(steps.map(batch_at), threads)
@@ -323,16 +336,26 @@ def _in_memory_train_batch(
 
 def _imagenet_train_batch(
     step: int, *, source: Sequence[dict], global_batch: int, lo: int, hi: int, seed: int,
-    mean: np.ndarray, std: np.ndarray,
+    mean: np.ndarray, std: np.ndarray, eval_transform: bool,
 ) -> Batch:
-    """Returns this process's slice of the ImageNet batch of `step`: decoded, cropped, flipped."""
+    """Returns this process's slice of the ImageNet batch of `step`: decoded and cropped (and
+    flipped, unless `eval_transform`)."""
     indices = example_indices(step * global_batch + np.arange(lo, hi), len(source), seed)
     records = source.__getitems__(indices.tolist())
-    images = [aug.imagenet_train_image(aug.decode_image(r["image"]),
-                                       aug.generator(_AUGMENT_STREAM, seed, step, j))
+    images = [_imagenet_train_image(r["image"], (_AUGMENT_STREAM, seed, step, j), eval_transform)
               for j, r in zip(range(lo, hi), records)]
     return {"image": aug.normalize_images(np.stack(images), mean, std),
             "label": np.array([r["label"] for r in records], np.int32)}
+
+
+def _imagenet_train_image(encoded: bytes, key: tuple[int, ...], eval_transform: bool
+                          ) -> np.ndarray:
+    """Decodes one training example: the random crop and flip drawn from `key`, or with
+    `eval_transform` evaluation's central crop (no draw, so the image is fixed)."""
+    image = aug.decode_image(encoded)
+    if eval_transform:
+        return aug.imagenet_eval_image(image)
+    return aug.imagenet_train_image(image, aug.generator(*key))
 
 
 def _read_in_memory(data: sources.ArraySplit, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

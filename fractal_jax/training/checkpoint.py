@@ -17,6 +17,8 @@ import json
 import logging
 import operator
 import os
+import shutil
+import sys
 import time
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
@@ -26,7 +28,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-from fractal_jax.training import multihost
+from fractal_jax.training import integrity, multihost
 
 PyTree = Any
 T = TypeVar("T")
@@ -35,6 +37,7 @@ CHECKPOINT_DIR = "checkpoints"
 EVAL_STATS_ITEM = "eval_batch_stats"
 METADATA_ITEM = "metadata"  # a JSON item: WORKDIR/checkpoints/<step>/metadata/metadata
 DAMAGED_DIR = "damaged_checkpoints"
+DAMAGED_KEEP = 3
 # What Orbax and TensorStore raise for missing, truncated or unparseable files in a step
 # directory (JSONDecodeError and TensorStore's DATA_LOSS / NOT_FOUND are ValueErrors; a missing
 # item is a KeyError; unreadable array data is a bare Exception), and for a target whose
@@ -55,11 +58,33 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
 
 
+def _ignore_reads_after_a_failed_restore() -> None:
+    """Silences what a failed restore leaves behind: Orbax closes its event loop at the first
+    unreadable array while TensorStore still completes the other reads, and each completion
+    reports "Event loop is closed" as an unraisable exception with a traceback (211 of them
+    around one warning in a test), and asyncio logs each abandoned read's error ("Future
+    exception was never retrieved"). Only those two are dropped."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_fractal_jax", False):
+        return
+    logging.getLogger("asyncio").addFilter(
+        lambda record: not record.getMessage().startswith("Future exception was never retrieved"))
+
+    def hook(unraisable) -> None:
+        if not (isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook._fractal_jax = True
+    sys.unraisablehook = hook
+
+
 def _restore_step(manager: ocp.CheckpointManager, step: int, args: ocp.args.Composite) -> ocp.args.Composite:
     """Returns `manager.restore(step, args=args)`, turning file-level failures into CheckpointError."""
     try:
         return manager.restore(step, args=args)
     except _RESTORE_ERRORS as error:
+        _ignore_reads_after_a_failed_restore()
         raise CheckpointError(
             f"checkpoint {manager.directory / str(step)} is damaged or incompatible: "
             f"{type(error).__name__}: {error}"
@@ -150,6 +175,15 @@ class Checkpointer:
         # Orbax serialises JSON in a background thread, where a bad value would only surface at
         # the next wait; check here so the error points at the caller.
         json.dumps(metadata)
+        trees = {"state": state, EVAL_STATS_ITEM: eval_batch_stats}
+        try:
+            sums = {item: integrity.checksums(tree) for item, tree in trees.items()
+                    if tree is not None}
+        except integrity.IntegrityError as error:
+            raise CheckpointSaveError(
+                f"Refusing to write checkpoint {step} to {self.directory}: {error}. The "
+                f"complete checkpoints (steps {self.all_steps()}) are intact.") from None
+        metadata = integrity.seal(metadata, sums)
         if metrics is not None:
             if self._best_metric is not None and self._best_metric not in metrics:
                 raise ValueError(f"metrics lack best_metric {self._best_metric!r}: {sorted(metrics)}")
@@ -198,6 +232,8 @@ class Checkpointer:
                                     f"steps: {self.all_steps()}")
         restored = _restore_step(self._manager, step, ocp.args.Composite(
             state=ocp.args.StandardRestore(target), metadata=ocp.args.JsonRestore()))
+        _verify(os.path.join(self.directory, str(step)), restored.metadata,
+                {"state": restored.state})
         return restored.state, restored.metadata
 
     def restore_latest_good(self, target: PyTree) -> tuple[PyTree, dict, int] | None:
@@ -233,16 +269,25 @@ class Checkpointer:
         return state, metadata, step
 
     def _set_aside(self, steps: list[int]) -> None:
-        """Moves the step directories `steps` to DAMAGED_DIR, next to the checkpoint directory."""
+        """Moves the step directories `steps` to DAMAGED_DIR, next to the checkpoint directory,
+        which keeps the newest DAMAGED_KEEP of them (a disk that keeps failing must not fill
+        up with them)."""
         if ocp.multihost.is_primary_host(0):
             aside = os.path.join(os.path.dirname(self.directory), DAMAGED_DIR)
             os.makedirs(aside, exist_ok=True)
             stamp = time.strftime("%Y%m%d-%H%M%S")
             for step in steps:
                 source = os.path.join(self.directory, str(step))
-                target = os.path.join(aside, f"{step}-{stamp}")
+                target = os.path.join(aside, f"{step}-{stamp}-{time.time_ns() % 10**9:09d}")
                 os.rename(source, target)
+                os.utime(target)  # its time is when it was set aside (pruned by it below)
                 logging.warning("moved damaged checkpoint %s to %s", source, target)
+            kept = sorted(os.listdir(aside), key=lambda n: os.path.getmtime(
+                os.path.join(aside, n)), reverse=True)
+            for name in kept[DAMAGED_KEEP:]:
+                shutil.rmtree(os.path.join(aside, name), ignore_errors=True)
+                logging.warning("deleted %s (only the newest %d damaged checkpoints are kept)",
+                                os.path.join(aside, name), DAMAGED_KEEP)
         ocp.multihost.sync_global_processes("fractal_jax:checkpoints_set_aside")
         self._manager.reload()
 
@@ -280,6 +325,24 @@ class Checkpointer:
         self.close()
 
 
+def _verify(path: str, metadata: Mapping[str, Any], items: Mapping[str, PyTree]) -> None:
+    """Raises CheckpointError unless the metadata and every restored item of the checkpoint
+    at `path` are as they were saved (`integrity.py`) and finite."""
+    try:
+        integrity.verify_metadata(metadata)
+        for item, tree in items.items():
+            integrity.verify_arrays(tree, metadata, item)
+    except integrity.IntegrityError as error:
+        raise CheckpointError(f"checkpoint {path} is damaged: {error}") from None
+    if not integrity.is_sealed(metadata) and path not in _UNSEALED_NOTED:
+        _UNSEALED_NOTED.add(path)
+        logging.warning("checkpoint %s was written without checksums (before they were "
+                        "recorded): its arrays are restored unverified", path)
+
+
+_UNSEALED_NOTED: set[str] = set()
+
+
 def _read_item(workdir: str, step: int, item: str) -> PyTree:
     path = os.path.join(checkpoint_dir(workdir), str(step), item)
     try:
@@ -289,9 +352,11 @@ def _read_item(workdir: str, step: int, item: str) -> PyTree:
         # hosts loads in one process (its saved shardings name devices this one lacks).
         args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
         with ocp.Checkpointer(handler) as checkpointer:
-            return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+            tree = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
     except _RESTORE_ERRORS as error:
         raise CheckpointError(f"checkpoint {path} cannot be restored: {error}") from error
+    _verify(os.path.dirname(path), read_metadata(workdir, step), {item: tree})
+    return tree
 
 
 def read_state(workdir: str, step: int) -> PyTree:
@@ -331,8 +396,10 @@ def read_metadata(workdir: str, step: int | None = None) -> dict | None:
         path = os.path.join(directory, str(s), METADATA_ITEM, METADATA_ITEM)
         try:
             with open(path, encoding="utf-8") as f:
-                return json.load(f)
-        except (OSError, ValueError) as error:
+                metadata = json.load(f)
+            integrity.verify_metadata(metadata)
+            return metadata
+        except (OSError, ValueError) as error:  # IntegrityError included
             raise CheckpointError(f"checkpoint {os.path.join(directory, str(s))} is damaged or "
                                   f"incompatible: {type(error).__name__}: {error}") from error
 

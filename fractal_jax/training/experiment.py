@@ -84,8 +84,10 @@ def calibration_batches(config: ml_collections.ConfigDict, num_train_examples: i
                         seed: int | None = None) -> list[np.ndarray] | None:
     """The calibration set of precise BatchNorm statistics (`evaluate.py`), None when
     precise_bn is off: the first precise_bn.num_examples training examples (at most the split)
-    in the order of `seed` (default: the config's), unaugmented and normalised as in training,
-    in batches of precise_bn.batch_size (default: all in one); each host's slice."""
+    in the order of `seed` (default: the config's), preprocessed as evaluation does
+    (unaugmented; ImageNet's resize and central crop, not its training crops) and normalised
+    as in training, in batches of precise_bn.batch_size (default: all in one); each host's
+    slice."""
     if not config.precise_bn.enabled:
         return None
     count = min(config.precise_bn.num_examples, num_train_examples)
@@ -94,21 +96,23 @@ def calibration_batches(config: ml_collections.ConfigDict, num_train_examples: i
     num_batches = max(1, count // batch_size)
     batches = pipeline.train_batches(
         config.dataset, global_batch_size=batch_size, seed=config.seed if seed is None else seed,
-        start_step=0, num_steps=num_batches, augment="none", split=config.data.train_split,
-        **_data_kwargs(config))
+        start_step=0, num_steps=num_batches, augment="none", eval_transform=True,
+        split=config.data.train_split, **_data_kwargs(config))
     return [b["image"] for b in itertools.islice(batches, num_batches)]
 
 
 def checkpoint_metadata(config: ml_collections.ConfigDict, step: int, *, data_seed: int,
-                        nonfinite_skipped: int, train_window: list[dict[str, float]]
-                        ) -> dict[str, Any]:
+                        nonfinite_skipped: int, nonfinite_consecutive: int,
+                        train_window: list[dict[str, float]]) -> dict[str, Any]:
     """What a checkpoint records besides the state: the run's config, where its data order
-    stands, the batches skipped as non-finite so far, the metrics of the steps since its last
-    train record (which the next record averages) and the versions that wrote it."""
+    stands, the batches skipped as non-finite so far (and in a row, up to this step), the
+    metrics of the steps since its last train record (which the next record averages) and the
+    versions that wrote it."""
     return {"config": config_lib.to_json_dict(config), "step": step,
             "data_position": {"seed": data_seed, "next_step": step},
             "versions": {"fractal_jax": fractal_jax.__version__, "jax": jax.__version__},
-            "nonfinite_skipped": nonfinite_skipped, "train_window": train_window}
+            "nonfinite_skipped": nonfinite_skipped,
+            "nonfinite_consecutive": nonfinite_consecutive, "train_window": train_window}
 
 
 def refuse_other_experiment(workdir: str, config: ml_collections.ConfigDict) -> None:

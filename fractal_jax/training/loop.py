@@ -26,16 +26,21 @@ import numpy as np
 import tqdm
 
 from fractal_jax import config as config_lib
-from fractal_jax.training import (evaluate, experiment, multihost, optim, parallel, preemption,
-                                  profiling, programs)
+from fractal_jax.training import (evaluate, experiment, integrity, multihost, optim, parallel,
+                                  preemption, profiling, programs)
 from fractal_jax.training.checkpoint import Checkpointer, CheckpointError
 from fractal_jax.training.lock import workdir_lock
 from fractal_jax.training.metrics import MetricsWriter, read_metrics, truncate_metrics
 from fractal_jax.training.state import TrainState, create_train_state
 
 
+# EX_DATAERR of sysexits.h: the run diverged (a rerun would diverge again); not requeued.
+EXIT_DIVERGED = 65
+
+
 class NonFiniteLossError(RuntimeError):
-    """A NaN or Inf loss or gradient stopped training; the last good checkpoint is untouched."""
+    """A NaN or Inf (loss, gradient or new state) stopped training, or, with nonfinite="skip",
+    too many consecutive skipped steps; the last good checkpoint is untouched."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,8 +264,18 @@ class Trainer:
                 continue
             metadata = experiment.checkpoint_metadata(
                 run.config, step, data_seed=run.data_seed, **records.position(i))
-            checkpointer.save(step, states[i], metadata=metadata, metrics=evals[i],
-                              eval_batch_stats=precise[i])
+            metrics, stats = evals[i], precise[i]
+            if stats is not None and integrity.nonfinite_arrays(integrity.host_arrays(stats)):
+                # A finite state whose network overflows on the calibration examples (it is
+                # diverging): the checkpoint keeps the state, without those statistics.
+                logging.warning("%s: the evaluation at step %d gave non-finite BatchNorm "
+                                "statistics; its checkpoint is saved without them", run.name,
+                                step)
+                stats = None
+            if metrics is not None and not np.isfinite(list(metrics.values())).all():
+                metrics = None  # ranked by recency only
+            checkpointer.save(step, states[i], metadata=metadata, metrics=metrics,
+                              eval_batch_stats=stats)
 
 
 class _NoRecords:
@@ -301,6 +316,7 @@ class _TrainRecords:
         self._lr_schedule, self._bar, self._checkpointers = lr_schedule, bar, checkpointers
         self._config = runs[0].config
         self._skipped = np.asarray([m.get("nonfinite_skipped", 0) for m in resumed])
+        self._consecutive = np.asarray([m.get("nonfinite_consecutive", 0) for m in resumed])
         # Per run, the metrics of the steps it trained (did not skip) since its last record;
         # float32 as the device computed them (JSON keeps float32 values exactly).
         self._window: list[list[dict[str, np.float32]]] = [
@@ -310,6 +326,7 @@ class _TrainRecords:
 
     def position(self, i: int) -> dict:
         return {"nonfinite_skipped": int(self._skipped[i]),
+                "nonfinite_consecutive": int(self._consecutive[i]),
                 "train_window": [{k: float(v) for k, v in m.items()} for m in self._window[i]]}
 
     def add(self, step: int, device_metrics) -> None:
@@ -317,28 +334,40 @@ class _TrainRecords:
         metrics = jax.device_get(device_metrics)
         if isinstance(metrics, list):
             metrics = {k: np.stack([m[k] for m in metrics]) for k in metrics[0]}
-        flagged = metrics.pop("nonfinite", np.zeros(len(self._runs))) > 0
-        self._skipped[flagged] += 1
-        for i in np.flatnonzero(flagged):
-            logging.warning("%s: non-finite loss %s or gradient norm %s at step %d: batch "
-                            "skipped (%d so far)", self._runs[i].name, metrics["loss"][i],
-                            metrics["grad_norm"][i], step, self._skipped[i])
-        finite = np.isfinite(metrics["loss"]) & np.isfinite(metrics["grad_norm"])
-        diverged = np.flatnonzero(~flagged & ~finite)
-        if diverged.size:
-            # A finite loss with non-finite gradients would make the next state, and the
-            # checkpoint that may follow, non-finite: stop at either.
+        flagged = metrics.pop("nonfinite") > 0
+        skip = self._config.nonfinite == "skip"
+        if skip:
+            self._skipped[flagged] += 1
+            self._consecutive = np.where(flagged, self._consecutive + 1, 0)
+            for i in np.flatnonzero(flagged):
+                logging.warning("%s: non-finite loss %s, gradient norm %s or new state at step "
+                                "%d: batch skipped (%d so far)", self._runs[i].name,
+                                metrics["loss"][i], metrics["grad_norm"][i], step,
+                                self._skipped[i])
+        limit = self._config.nonfinite_max_consecutive
+        stopped = (np.flatnonzero(self._consecutive > limit) if skip
+                   else np.flatnonzero(flagged))
+        if stopped.size:
+            # The state of a stop-mode step was not kept finite: no checkpoint may follow it.
+            what = (f"{limit + 1} consecutive steps were non-finite and skipped "
+                    f"(nonfinite_max_consecutive={limit}): the run diverged" if skip else
+                    "the loss, the gradient or the new state became non-finite")
             raise NonFiniteLossError(
-                f"Loss became non-finite at step {step}; stopping. "
+                f"At step {step} {what}; stopping. "
                 + "; ".join(f"{self._runs[i].name}: loss {float(metrics['loss'][i])}, gradient "
-                            f"norm {float(metrics['grad_norm'][i])}, last good checkpoint (step "
-                            f"{self._checkpointers[i].latest_step()}) intact" for i in diverged)
-                + ". Lower optim.learning_rate or set optim.grad_clip_norm, or skip such batches "
-                "with --config.nonfinite=skip.")
+                            f"norm {float(metrics['grad_norm'][i])}, "
+                            + self._last_good(i) for i in stopped)
+                + ". Lower optim.learning_rate or set optim.grad_clip_norm"
+                + ("." if skip else ", or skip such batches with --config.nonfinite=skip."))
         for i in np.flatnonzero(~flagged):
             self._window[i].append({k: np.float32(v[i]) for k, v in metrics.items()})
         if step % self._config.log_every_steps == 0:
             self._write(step)
+
+    def _last_good(self, i: int) -> str:
+        step = self._checkpointers[i].latest_step()
+        return ("no checkpoint was written yet" if step is None
+                else f"last good checkpoint (step {step}) intact")
 
     def _write(self, step: int) -> None:
         learning_rate = float(self._lr_schedule(step - 1))

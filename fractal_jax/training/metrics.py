@@ -6,7 +6,9 @@ in one call and flushed, so a process killed mid-write leaves at most one partia
 which readers skip and `truncate_metrics` removes.
 """
 import json
+import logging
 import os
+import threading
 from typing import Any, Mapping
 
 import numpy as np
@@ -14,6 +16,11 @@ from tensorboardX import SummaryWriter
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_CLOSE_S = 5.0
+
+
+class MetricsWriteError(RuntimeError):
+    """Writing a metrics record failed (disk full, read-only directory, ...)."""
 
 
 def _metrics_path(workdir: str) -> str:
@@ -86,6 +93,7 @@ class MetricsWriter:
         if os.path.exists(path):
             _drop_partial_line(path)
         self._file = open(path, "a", encoding="utf-8")
+        self._path, self._failed = path, False
         self._tensorboard = (SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR), purge_step=purge_step)
                              if tensorboard else None)
 
@@ -96,8 +104,15 @@ class MetricsWriter:
             raise ValueError(f"metric names {sorted(reserved)} are reserved")
         step = int(step)
         values = {name: to_python_number(value) for name, value in metrics.items()}
-        self._file.write(json.dumps({"step": step, "split": split, **values}) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+            self._file.flush()
+        except OSError as error:
+            self._failed = True
+            raise MetricsWriteError(
+                f"Writing the metrics record of step {step} to {self._path} failed: "
+                f"{error.strerror or error}. The checkpoints are intact; free disk space or make "
+                "the workdir writable, then run the same command again to resume.") from None
         if self._tensorboard is not None:
             for name, value in values.items():
                 self._tensorboard.add_scalar(f"{split}/{name}", value, step)
@@ -108,10 +123,29 @@ class MetricsWriter:
             self._tensorboard.flush()
 
     def close(self) -> None:
-        """Flushes and closes both outputs."""
-        self._file.close()
-        if self._tensorboard is not None:
+        """Flushes and closes both outputs. After a failed write, TensorBoard's writer thread
+        may have died on the same error (and its queue then blocks): its close gets a few
+        seconds in a thread of its own, and its errors are logged, not raised."""
+        try:
+            self._file.close()
+        except OSError:
+            if not self._failed:
+                raise
+        if self._tensorboard is None:
+            return
+        if not self._failed:
             self._tensorboard.close()
+            return
+        closing = threading.Thread(target=self._close_tensorboard_quietly, daemon=True)
+        closing.start()
+        closing.join(TENSORBOARD_CLOSE_S)
+
+    def _close_tensorboard_quietly(self) -> None:
+        try:
+            self._tensorboard.close()
+        except Exception as error:  # the metrics error is the one to report
+            logging.warning("TensorBoard events under %s may be incomplete: %s",
+                            os.path.dirname(self._path), error)
 
     def __enter__(self) -> "MetricsWriter":
         return self

@@ -36,9 +36,10 @@ def train_step(state: TrainState, batch: Batch, dropout_key: jax.Array, *, model
     plan, which `programs.py` relies on to skip dead work) or "all" (every unit computed,
     every unit updated, as in Caffe).
 
-    `skip_nonfinite`: a step with a non-finite loss or gradient leaves parameters, optimiser
-    and BatchNorm state unchanged (the step count still advances, keeping later keys aligned)
-    and reports ``nonfinite`` = 1 in its metrics.
+    A step is finite when its loss, its gradient and everything it would write (parameters,
+    optimiser state, BatchNorm statistics) are; its metrics report ``nonfinite`` = 1 when it is
+    not. `skip_nonfinite`: such a step leaves parameters, optimiser and BatchNorm state
+    unchanged (the step count still advances, keeping later keys aligned).
     """
     kwargs = {}
     if plan is not None:
@@ -61,12 +62,21 @@ def train_step(state: TrainState, batch: Batch, dropout_key: jax.Array, *, model
     metrics = {"loss": loss,
                "accuracy": (logits.argmax(-1) == batch["label"]).mean(),
                "grad_norm": grad_norm}
+    # A finite loss and gradient can still overflow a BatchNorm variance or a momentum.
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+              & all_finite((new_state.params, new_state.opt_state, new_state.batch_stats)))
     if skip_nonfinite:
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state,
                                  state).replace(step=new_state.step)
-        metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+    metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
     return new_state, metrics
+
+
+def all_finite(tree) -> jax.Array:
+    """Whether every floating-point value of `tree` is finite (a scalar boolean)."""
+    checks = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(checks).all() if checks else jnp.asarray(True)
 
 
 def eval_step(variables: dict, batch: Batch, *, model: nn.Module,
