@@ -12,7 +12,7 @@ import pytest
 
 from fractal_jax.analysis import ensemble, runs, saliency
 from fractal_jax.models.registry import create_model
-from fractal_jax.training import loop
+from fractal_jax.training import integrity, loop
 from fractal_jax.training.checkpoint import read_metadata
 from test_training import ROOT, TINY, final_state, tiny_config
 
@@ -105,6 +105,8 @@ def test_checkpoint_of_another_model_is_refused(seed_runs, tmp_path):
     with open(path) as f:
         metadata = json.load(f)
     metadata["config"]["model"]["widths"] = [8, 8, 32]
+    # Sealed again: a sound checkpoint whose config names another model.
+    metadata = integrity.seal(integrity.unsealed(metadata), metadata[integrity.CHECKSUMS])
     with open(path, "w") as f:
         json.dump(metadata, f)
     with pytest.raises(runs.ModelMismatchError, match=r"another model.*params/block_2"):

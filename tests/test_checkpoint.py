@@ -12,6 +12,7 @@ import optax
 import pytest
 
 from fractal_jax.training import checkpoint as ckpt
+from fractal_jax.training import integrity
 
 
 @flax.struct.dataclass
@@ -179,4 +180,7 @@ def test_no_checkpoints(tmp_path):
 def test_metadata_is_plain_json_on_disk(tmp_path):
     _save_steps(tmp_path, [1])
     with open(os.path.join(ckpt.checkpoint_dir(str(tmp_path)), "1", "metadata", "metadata")) as f:
-        assert json.load(f) == {"step": 1, "config": {"seed": 0}}
+        saved = json.load(f)
+    # What the caller gave, sealed with the arrays' checksums and the metadata's own digest.
+    assert integrity.unsealed(saved) == {"step": 1, "config": {"seed": 0}}
+    assert integrity.is_sealed(saved) and list(saved[integrity.CHECKSUMS]) == ["state"]

@@ -234,7 +234,7 @@ class Checkpointer:
             state=ocp.args.StandardRestore(target), metadata=ocp.args.JsonRestore()))
         _verify(os.path.join(self.directory, str(step)), restored.metadata,
                 {"state": restored.state})
-        return restored.state, restored.metadata
+        return restored.state, integrity.unsealed(restored.metadata)
 
     def restore_latest_good(self, target: PyTree) -> tuple[PyTree, dict, int] | None:
         """Returns (state, metadata, step) of the newest checkpoint that restores, None if none exist.
@@ -355,7 +355,7 @@ def _read_item(workdir: str, step: int, item: str) -> PyTree:
             tree = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
     except _RESTORE_ERRORS as error:
         raise CheckpointError(f"checkpoint {path} cannot be restored: {error}") from error
-    _verify(os.path.dirname(path), read_metadata(workdir, step), {item: tree})
+    _verify(os.path.dirname(path), _read_sealed_metadata(workdir, step), {item: tree})
     return tree
 
 
@@ -388,8 +388,14 @@ def read_metadata(workdir: str, step: int | None = None) -> dict | None:
     Reads only the JSON item, as a plain file: a run can refuse a workdir that holds another
     experiment before building a model, and one process of a multi-host run can read it alone
     (an Orbax manager would wait for the others). Raises CheckpointError if the metadata cannot
-    be read.
+    be read or differs from what was saved.
     """
+    found = _read_sealed_metadata(workdir, step)
+    return None if found is None else integrity.unsealed(found)
+
+
+def _read_sealed_metadata(workdir: str, step: int | None = None) -> dict | None:
+    """`read_metadata`, with the checksums it carries."""
     directory = checkpoint_dir(workdir)
 
     def read(s: int) -> dict:

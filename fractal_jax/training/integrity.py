@@ -32,11 +32,16 @@ def _name(entry: Any) -> str:
     return str(entry)
 
 
+def _host(leaf: Any) -> np.ndarray:
+    if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
+        leaf = jax.random.key_data(leaf)  # what a typed PRNG key holds
+    return np.asarray(jax.device_get(leaf))
+
+
 def host_arrays(tree: Any) -> dict[str, np.ndarray]:
     """Every array leaf of `tree` as a NumPy array on this host, by "/"-joined path."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(_name(e) for e in path): np.asarray(jax.device_get(leaf))
-            for path, leaf in leaves}
+    return {"/".join(_name(e) for e in path): _host(leaf) for path, leaf in leaves}
 
 
 def digest(array: np.ndarray) -> str:
@@ -73,6 +78,11 @@ def _metadata_digest(metadata: Mapping[str, Any]) -> str:
     text = json.dumps({k: v for k, v in metadata.items() if k != METADATA_DIGEST},
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def unsealed(metadata: Mapping[str, Any]) -> dict:
+    """`metadata` as the caller of `seal` gave it."""
+    return {k: v for k, v in metadata.items() if k not in (CHECKSUMS, METADATA_DIGEST)}
 
 
 def is_sealed(metadata: Mapping[str, Any]) -> bool:
