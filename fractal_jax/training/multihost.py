@@ -50,6 +50,7 @@ JAX_HEARTBEAT_MARGIN_S = 30
 _KV = "fractal_jax"
 _POLL_S = 1.0
 _ACK_WAIT_S = 10.0
+_COORDINATOR_LINGER_S = 3.0
 _DECISION_TIMEOUT_MS = 24 * 3600 * 1000  # process 0 may take long (moving a workdir aside)
 # Words of the errors a collective raises when a peer is gone (gloo on CPU, NCCL, the
 # coordination service): the main thread then waits for the watchdog's diagnosis.
@@ -266,6 +267,9 @@ def end_job(error: BaseException, message: str, code: int = 1,
         _state.ending = True
     if show_traceback:
         print_traceback(error)
+    # Said first: if the coordinator goes before this process exits, JAX aborts it.
+    print(message if message.startswith("error:") else f"error: {message}", file=sys.stderr,
+          flush=True)
     me = jax.process_index()
     try:
         reason = message[len("error: "):] if message.startswith("error: ") else message
@@ -281,7 +285,8 @@ def end_job(error: BaseException, message: str, code: int = 1,
             time.sleep(0.2)
     except Exception:  # the coordinator is gone: nobody left to tell
         pass
-    _exit(message if message.startswith("error:") else f"error: {message}", code)
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def _exit(message: str, code: int) -> NoReturn:
@@ -329,6 +334,8 @@ class _Watchdog(threading.Thread):
                     client.key_value_set(_key("ack", self._me), "1", allow_overwrite=True)
                 except Exception:
                     pass
+                if self._me == 0:  # the coordinator: let the failed process exit first
+                    time.sleep(_COORDINATOR_LINGER_S)
                 self._end(f"error: another process of this job failed, so this one (process "
                           f"{self._me}) stops: {foreign[0]}")
             if self._me == 0:
