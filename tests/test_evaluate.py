@@ -1,5 +1,8 @@
 """Honest evaluation: bias-corrected running statistics, precise BatchNorm statistics of the
 network evaluated, and the rule that decides whose statistics a drop-path step updates."""
+import functools
+
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,6 +16,7 @@ from fractal_jax.models.batch_norm import BatchNorm
 from fractal_jax.models.fractal import FractalNet
 from fractal_jax.training import evaluate, steps
 from fractal_jax.training.state import create_train_state
+from test_kernels import FAR_FROM_ZERO, FAR_FROM_ZERO_BF16, far_from_zero
 from test_training import tiny_config
 
 MODEL = FractalNet(num_classes=10, num_blocks=2, num_columns=3, widths=(8, 16),
@@ -111,6 +115,45 @@ def test_precise_statistics_over_batches_pool_their_moments(variables):
         for name in first:
             a, b = a[name], b[name]
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+class _OneBatchNorm(nn.Module):
+    """A network of one BatchNorm layer, called as the evaluated networks are."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return BatchNorm(use_running_average=not train)(x)
+
+
+@pytest.mark.parametrize("dtype,ratio,std",
+                         [(jnp.float32, *case) for case in FAR_FROM_ZERO]
+                         + [(jnp.bfloat16, *case) for case in FAR_FROM_ZERO_BF16])
+def test_precise_statistics_pooled_far_from_zero_match_float64(dtype, ratio, std):
+    """Four calibration batches of 4..12 examples (32,768 values per channel in all), their
+    means a standard deviation or more apart: statistics pooled in float64 by (count, mean, M2)
+    equal the float64 statistics of all the values, whatever |mean| / std."""
+    batches = [far_from_zero(ratio + k, std, dtype, (n, 32, 32, 4), seed=k)
+               for k, n in enumerate((4, 8, 8, 12))]
+    model = _OneBatchNorm()
+    variables = model.init(jax.random.key(0), batches[0][:1])
+    stats = evaluate.precise_batch_stats(model, variables, batches)["BatchNorm_0"]
+    chex.assert_type([stats["mean"], stats["var"]], np.float32)
+    exact = np.concatenate([np.asarray(b, np.float64) for b in batches])
+    np.testing.assert_allclose(stats["var"], exact.var((0, 1, 2)), rtol=1e-4)
+    np.testing.assert_allclose(stats["mean"], exact.mean((0, 1, 2)), rtol=2 ** -23,
+                               atol=1e-5 * std)
+
+
+def test_pooled_moments_are_those_of_the_whole_set():
+    """Chan's update in float64 keeps the variance at |mean| / std = 10⁶, where the pooled sums
+    of squares, n·E[x²] - n·E[x]², lose about 12 of float64's 16 digits."""
+    x = np.random.default_rng(0).normal(1e4, 1e-2, 1000)
+    parts = [x[:1], x[1:300], x[300:]]
+    n, mean, m2 = functools.reduce(evaluate.pool_moments,
+                                   [(len(p), p.mean(), len(p) * p.var()) for p in parts])
+    assert n == 1000
+    np.testing.assert_allclose(mean, x.mean(), rtol=1e-15)
+    np.testing.assert_allclose(m2 / n, x.var(), rtol=1e-9)
 
 
 def test_evaluator_measures_each_network_with_its_own_statistics(variables):

@@ -26,6 +26,14 @@ convolutions and max-pools were fast (54% of op time); "fused" ran 3.7-8.6× fas
 benchmark. On an H200 GPU (jax 0.11.2) the fused path made the whole masked FractalNet-20 train
 step 1.05× faster (rounds 1.01..1.06; BENCHMARKS.md, GPU). "auto" picks "fused" on CPU and GPU,
 and "autodiff" elsewhere (not measured on TPUs).
+
+Statistics are float32 for any input dtype, from sums of the deviations from a per-channel shift
+near the mean (a value of the batch), in both paths (`_shifted_moments` for "fused",
+`shifted_statistics` for "autodiff" and the precise statistics of `training/evaluate.py`).
+E[x²] - E[x]² lost about log10(mean²/var) of float32's 7 digits to cancellation: with 32,768
+values per channel its variance was off by 2e-3 (fused) and 7e-2 (autodiff) at |mean| / std =
+100, 0.13 and 13× at 10³, and came out 0 at 10⁴ (every digit lost); now by under 1e-5 at any
+ratio up to 10⁵ (tests/test_kernels.py).
 """
 from __future__ import annotations
 
@@ -53,25 +61,76 @@ def use_fused(impl: str, platform: str | None = None) -> bool:
     return (platform or jax.default_backend()) in FUSED_BACKENDS
 
 
+def shifted_statistics(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(shift, offset, var) of `x` over every axis but the last, in float32 for any dtype: the
+    mean is shift + offset (summed in float64 it keeps digits that a float32 mean far from 0
+    rounds off), var the biased variance, with XLA's reductions of the deviations d from the
+    shift, the first row's values: E[d²] - E[d]² cancels digits of ((mean - shift) / std)²
+    only. Two passes would not do here: under our XLA:CPU flags the reduction's mean is off by
+    4e-6 of itself, 0.04 std at |mean| / std = 10⁴, and the variance by its square. The shift
+    is a constant to autodiff (the statistics do not depend on it)."""
+    axes = tuple(range(x.ndim - 1))
+    x32 = x.astype(jnp.float32)
+    shift = jax.lax.stop_gradient(x32.reshape(-1, x.shape[-1])[0])
+    d = x32 - shift
+    offset = d.mean(axes)
+    return shift, offset, jnp.maximum(jnp.square(d).mean(axes) - jnp.square(offset), 0.0)
+
+
+def batch_statistics(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(mean, biased variance) of `x` over every axis but the last, in float32:
+    `shifted_statistics` with the mean summed."""
+    shift, offset, var = shifted_statistics(x)
+    return shift + offset, var
+
+
+def _num_blocks(n: int) -> int:
+    """r, the largest divisor of `n` up to √n: `_channel_sum` sums n rows as r blocks."""
+    return max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
+
+
 def _channel_sum(a: jax.Array) -> jax.Array:
     """Sum over every axis but the last, as a matmul with ones: XLA:CPU's matmul beats its
     reduction. In two levels, so that float32 rounding stays that of XLA's reduction: ones (k)
     @ the (k, r·c) rows sums k ≈ √n terms per entry, then r terms per channel (one level, n
-    terms: the variance at mean/std = 10 was 50× less accurate)."""
+    terms: the one-pass variance at mean/std = 10 was 50× less accurate)."""
     rows = a.reshape(-1, a.shape[-1])
     n, c = rows.shape
-    r = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
+    r = _num_blocks(n)
     partial = jnp.dot(jnp.ones(n // r, rows.dtype), rows.reshape(n // r, r * c),
                       precision=jax.lax.Precision.HIGHEST)
     return partial.reshape(r, c).sum(0)
 
 
+def _shifted_moments(x32: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(mean, var) over every axis but the last, from `_channel_sum`'s two-level matmul sums of
+    the deviations d from a shift: E[d²] - E[d]² cancels digits of ((mean - shift) / std)²
+    only, not of (mean / std)². Each of the r·c columns of the (k, r·c) view is shifted by its
+    first row (one of its own values, so a few std from the mean at most), then the r block
+    sums of a channel are moved to one shift. Measured on the paper-mix train step (CPU), two
+    passes (the mean, then deviations from it) were 4% slower and one shift per channel 3%:
+    on XLA:CPU a fusion that broadcasts a per-channel vector over the (k, r·c) view takes
+    ~1.5× as long as one that broadcasts a row of it."""
+    rows = x32.reshape(-1, x32.shape[-1])
+    n, c = rows.shape
+    r = _num_blocks(n)
+    k = n // r
+    columns = rows.reshape(k, r * c)
+    shift = columns[0]
+    d = columns - shift
+    ones = jnp.ones(k, jnp.float32)
+    s1 = jnp.dot(ones, d, precision=jax.lax.Precision.HIGHEST).reshape(r, c)
+    s2 = jnp.dot(ones, jnp.square(d), precision=jax.lax.Precision.HIGHEST).reshape(r, c)
+    # Sums about the first block's shift: delta is a difference of two samples (~ std).
+    delta = shift.reshape(r, c) - shift[:c]
+    offset = (s1 + k * delta).sum(0) / n
+    mean_square = (s2 + delta * (2 * s1 + k * delta)).sum(0) / n
+    return shift[:c] + offset, jnp.maximum(mean_square - jnp.square(offset), 0.0)
+
+
 def _fused_forward(x, scale, bias, epsilon):
-    n = x.size // x.shape[-1]
     x32 = x.astype(jnp.float32)
-    # One pass (mean and mean of squares), as the "autodiff" path computes them.
-    mean = _channel_sum(x32) / n
-    var = jnp.maximum(_channel_sum(jnp.square(x32)) / n - jnp.square(mean), 0.0)
+    mean, var = _shifted_moments(x32)
     rstd = jax.lax.rsqrt(var + epsilon)
     y = (x32 - mean) * (rstd * scale) + bias
     return (y, mean, var), (x, mean, rstd, scale)
@@ -133,10 +192,7 @@ class BatchNorm(nn.Module):
                                             zeros if bias is None else bias, self.epsilon)
         else:
             # Statistics in float32 whatever the compute dtype, as flax does.
-            axes = tuple(range(x.ndim - 1))
-            x32 = x.astype(jnp.float32)
-            mean = x32.mean(axes)
-            var = jnp.maximum(jnp.square(x32).mean(axes) - jnp.square(mean), 0.0)
+            mean, var = batch_statistics(x)
         if not use_running_average and not self.is_initializing():
             m = self.momentum
             new_weight = m * weight.value + (1.0 - m)

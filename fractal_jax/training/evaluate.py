@@ -17,6 +17,12 @@ those of its inputs when the network runs in eval mode with them: each BatchNorm
 evaluated network is standardised over the calibration set. In several batches the first
 layer's are still exact and deeper layers' differ by the batch-to-batch noise of the layers
 before them (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021).
+
+Each batch's statistics are sums of deviations from a shift (`batch_norm.shifted_statistics`),
+and batches are pooled by Chan et al.'s pairwise update of (count, mean, M2 = count · variance)
+in float64, with each batch's mean as its float64 shift + offset: sums of squares, E[x²] -
+E[x]², cancel away the digits of a variance small beside its mean, and float32 batch means round
+off those of the differences between batches.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from fractal_jax.models.batch_norm import BatchNorm
+from fractal_jax.models.batch_norm import BatchNorm, shifted_statistics
 from fractal_jax.models.fractal import FractalNet
 from fractal_jax.training import parallel, steps
 
@@ -59,17 +65,15 @@ def metric_suffix(network: Network) -> str:
 
 def _normalise_and_record(moments: dict):
     """A flax method interceptor: every BatchNorm layer normalises by its batch's statistics
-    (as in training) and records (mean, mean of squares) of its input in `moments` by path."""
+    (as in training) and records (shift, offset, variance) of its input in `moments` by path
+    (see `batch_moments`)."""
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
         if context.method_name != "__call__" or not isinstance(module, BATCH_NORMS):
             return next_fun(*args, **kwargs)
-        x = args[0].astype(jnp.float32)
-        axes = tuple(range(x.ndim - 1))
-        mean, mean_square = x.mean(axes), jnp.square(x).mean(axes)
-        moments[module.path] = (mean, mean_square)
-        y = (x - mean) * jax.lax.rsqrt(jnp.maximum(mean_square - jnp.square(mean), 0.0)
-                                       + module.epsilon)
+        shift, offset, var = shifted_statistics(args[0])
+        moments[module.path] = (shift, offset, var)
+        y = (args[0].astype(jnp.float32) - (shift + offset)) * jax.lax.rsqrt(var + module.epsilon)
         if module.use_scale:
             y = y * module.get_variable("params", "scale")
         if module.use_bias:
@@ -79,16 +83,29 @@ def _normalise_and_record(moments: dict):
 
 
 def batch_moments(model, params: Any, images: jax.Array, network: Network = None
-                  ) -> dict[tuple[str, ...], tuple[jax.Array, jax.Array]]:
-    """{BatchNorm layer path: (mean, mean of squares) of its input over `images`} when `network`
-    runs in eval mode (dropout off, every join a plain mean) with each BatchNorm layer
-    normalising by the statistics of this batch."""
+                  ) -> dict[tuple[str, ...], tuple[jax.Array, jax.Array, jax.Array]]:
+    """{BatchNorm layer path: (shift, offset, variance) of its input over `images`} when
+    `network` runs in eval mode (dropout off, every join a plain mean) with each BatchNorm layer
+    normalising by the statistics of this batch: float32 arrays, the mean shift + offset (sum
+    them in float64), the variance biased (`batch_norm.shifted_statistics`)."""
     moments: dict = {}
     kwargs = {} if network is None else {"column": network}
     with nn.intercept_methods(_normalise_and_record(moments)):
         # Variables without statistics: the interceptor never reads them.
         model.apply({"params": params}, images, train=False, **kwargs)
     return moments
+
+
+Moments = tuple[int, np.ndarray, np.ndarray]  # (count, mean, M2: sum of squared deviations)
+
+
+def pool_moments(a: Moments, b: Moments) -> Moments:
+    """The (count, mean, M2) of two sets together (Chan, Golub & LeVeque's pairwise update):
+    M2 adds the between-set term, a difference of means, rather than subtracting squares."""
+    (n_a, mean_a, m2_a), (n_b, mean_b, m2_b) = a, b
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    return n, mean_a + delta * (n_b / n), m2_a + m2_b + np.square(delta) * (n_a * n_b / n)
 
 
 def precise_batch_stats(model, variables: Variables, batches: Iterable[jax.Array],
@@ -100,24 +117,23 @@ def precise_batch_stats(model, variables: Variables, batches: Iterable[jax.Array
     one batch's moments (default: `batch_moments`, jit-compiled per call site by the caller).
     """
     moments_fn = moments_fn or jax.jit(functools.partial(batch_moments, model, network=network))
-    sums: dict = {}
+    pooled: dict = {}
     count = 0
     for images in batches:
+        # Counted in examples: each has the same number of positions in a layer's map.
         n = images.shape[0]
-        for path, (mean, mean_square) in jax.device_get(
+        for path, (shift, offset, var) in jax.device_get(
                 moments_fn(variables["params"], images)).items():
-            total = sums.setdefault(path, [0.0, 0.0])
-            total[0] = total[0] + n * np.asarray(mean, np.float64)
-            total[1] = total[1] + n * np.asarray(mean_square, np.float64)
+            mean = np.asarray(shift, np.float64) + np.asarray(offset, np.float64)
+            batch = (n, mean, n * np.asarray(var, np.float64))
+            pooled[path] = pool_moments(pooled[path], batch) if path in pooled else batch
         count += n
     if count == 0:
         raise ValueError("precise BatchNorm statistics need at least one calibration batch.")
     flat = traverse_util.flatten_dict(jax.device_get(variables["batch_stats"]))
-    for path, (mean_sum, square_sum) in sums.items():
-        mean = mean_sum / count
+    for path, (n, mean, m2) in pooled.items():
         flat[(*path, "mean")] = np.asarray(mean, np.float32)
-        flat[(*path, "var")] = np.asarray(np.maximum(square_sum / count - mean ** 2, 0.0),
-                                          np.float32)
+        flat[(*path, "var")] = np.asarray(m2 / n, np.float32)
     return traverse_util.unflatten_dict(flat)
 
 
