@@ -103,10 +103,8 @@ def one_line_errors() -> Iterator[None]:
             print(f"stopped: {e}", file=sys.stderr)
         raise SystemExit(preemption.EXIT_PREEMPTED) from None
     except loop.NonFiniteLossError as e:
-        if multihost.is_multiprocess():  # every process computed the same metrics
-            if not multihost.is_primary():
-                raise SystemExit(loop.EXIT_DIVERGED) from None
-        print(f"error: {e}", file=sys.stderr)
+        if multihost.is_primary():  # every process computed the same metrics: one says it
+            print(f"error: {e}", file=sys.stderr)
         raise SystemExit(loop.EXIT_DIVERGED) from None
     except multihost.SharedError as e:
         if not multihost.is_primary():

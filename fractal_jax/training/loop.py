@@ -184,7 +184,7 @@ class Trainer:
                profiler: profiling.StepProfiler) -> list[dict[str, float]]:
         config, mesh = self.config, self.mesh
         # Process 0 alone writes the records (every process computes them alike).
-        primary = jax.process_index() == 0
+        primary = multihost.is_primary()
         if primary:
             for r in runs:
                 truncate_metrics(r.workdir, start)
